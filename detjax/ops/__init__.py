@@ -1,0 +1,12 @@
+"""detjax.ops: jnp/lax-shaped operations with a fixed, batch-invariant reduction order.
+
+Every function takes an optional keyword ``backend=`` (``'auto'``, ``'gpu'``, ``'tpu'``,
+``'interpret'``, ``'tpu-interpret'``) overriding ``DETJAX_BACKEND``.
+"""
+
+from detjax.ops._linalg import dot_general, einsum, matmul
+from detjax.ops._reductions import (argmax, argmin, log_softmax, logsumexp, max, mean, min,
+                                    rms_norm, softmax, sum)
+
+__all__ = ["matmul", "dot_general", "einsum", "sum", "mean", "max", "min", "argmax", "argmin",
+           "logsumexp", "softmax", "log_softmax", "rms_norm"]

@@ -1,0 +1,50 @@
+"""The reduction orders of every detjax kernel, defined in one place.
+
+Changing any constant here changes the bits detjax produces; ``KERNELS_VERSION`` must then be bumped
+(it is stored in checkpoint fingerprints so that a restore can say why bits moved).
+
+Common rule: **every reduction is anchored at position 0 of the reduced axis** and walks it in
+pieces of a fixed size that depends on nothing but these constants. Padding or zero-extending the
+axis only appends pieces that contribute exact zeros, so a row extended with zeros (masked keys,
+padding) reduces to the same bits. Nothing depends on batch size, row position, or tile choice in
+the non-reduced dimensions.
+
+* Matmul (``pallas_kernels/matmul.py``): ``K`` is cut into tiles of ``MATMUL_BLOCK_K`` starting at
+  k=0; one f32 accumulator per output element adds the tiles in ascending order. Inside a tile the
+  product is the backend's matrix instruction (GPU: tensor-core MMA steps in ascending k; IEEE FMA
+  for f32 at full precision; interpret: XLA's CPU dot on a tile of fixed shape). No split-K.
+* Row reductions (``pallas_kernels/reductions.py``): a row is read in chunks of
+  ``REDUCE_CHUNK`` lanes starting at column 0; lane ``l`` of a chunk accumulates elementwise in
+  ascending chunk order; the ``REDUCE_CHUNK`` lane partials are then combined by one fixed tree
+  (the backend's reduction of a vector of exactly ``REDUCE_CHUNK`` elements, the same for every row).
+* Attention (``pallas_kernels/attention.py``): online softmax over KV blocks on an absolute grid,
+  block ``j`` covering keys ``[j * ATTN_BLOCK_K, (j + 1) * ATTN_BLOCK_K)``, visited in ascending
+  ``j``; fully masked blocks are skipped (they would be exact no-ops). Blocks are grouped in splits
+  of ``ATTN_SPLIT_K`` keys (split ``c`` = keys ``[c * ATTN_SPLIT_K, (c + 1) * ATTN_SPLIT_K)``, also
+  anchored at key 0): each split runs its own online softmax from the empty state, and the split
+  states are merged into the running total in ascending ``c`` by one guarded merge rule (an empty
+  state merges as an exact no-op). Prefill merges at split boundaries inside one kernel; decode
+  computes the splits in parallel programs and merges them, in the same order and with the same
+  code, in a second Pallas kernel. Query rows never interact: rows of a ``ATTN_BLOCK_Q`` block are
+  (token, query head) pairs of one KV head, each with its own absolute position and key interval.
+"""
+
+KERNELS_VERSION = "1"
+
+#: K tile of the matmul kernel: the unit of the ascending K accumulation.
+MATMUL_BLOCK_K = 64
+
+#: Lane width of the row-reduction kernels: the chunk every row is walked in.
+REDUCE_CHUNK = 1024
+
+#: KV block of the attention kernels (prefill, chunked prefill and decode share it).
+ATTN_BLOCK_K = 64
+
+#: Query block of the attention kernels (decode packs query heads/tokens into it).
+ATTN_BLOCK_Q = 64
+
+#: Attention split: keys ``[c * ATTN_SPLIT_K, (c + 1) * ATTN_SPLIT_K)`` form split ``c``, the unit
+#: decode parallelises over and prefill merges at. A multiple of ``ATTN_BLOCK_K``.
+ATTN_SPLIT_K = 1024
+
+assert ATTN_SPLIT_K % ATTN_BLOCK_K == 0
