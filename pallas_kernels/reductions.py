@@ -21,7 +21,7 @@ appends whole chunks of identities, which leaves every lane bit-identical (``a +
 ``max(a, -inf) == a``), so the result is bit-identical.
 
 Derived kernels use only these reductions plus elementwise float32 math:
-``mean = sum / N``; ``logsumexp = m + log(sum(exp(x - m)))`` with ``m = max`` (``m`` replaced by 0
+``mean = sum / N`` (divided inside the kernel); ``logsumexp = m + log(sum(exp(x - m)))`` with ``m = max`` (``m`` replaced by 0
 when it is not finite, like ``jax.nn.logsumexp``); ``softmax = exp(x - m) * (1 / s)``;
 ``log_softmax = (x - m) - log(s)``; ``rms_norm = x * rsqrt(sum(x^2) / N + eps) * (offset + scale)``.
 Results are rounded once to the output dtype.
@@ -43,7 +43,7 @@ from pallas_kernels import backend as _backend
 from pallas_kernels.order import REDUCE_CHUNK
 
 GPU_NUM_WARPS = 4
-OPS = ("sum", "max", "logsumexp", "softmax", "log_softmax", "rms_norm")
+OPS = ("sum", "mean", "max", "logsumexp", "softmax", "log_softmax", "rms_norm")
 
 
 def _acc_dtype(dtype):
@@ -89,8 +89,11 @@ def _row_kernel(*refs, op, n, eps, offset, acc_dtype):
     else:
         x_ref, o_ref = refs
 
-    if op == "sum":
-        o_ref[...] = jnp.full(o_ref.shape, _lane_sum(x_ref, n, acc_dtype), o_ref.dtype)
+    if op in ("sum", "mean"):
+        total = _lane_sum(x_ref, n, acc_dtype)
+        if op == "mean":
+            total = total / n
+        o_ref[...] = jnp.full(o_ref.shape, total, o_ref.dtype)
         return
     if op == "max":
         o_ref[...] = jnp.full(o_ref.shape, _lane_max(x_ref, n, acc_dtype), o_ref.dtype)
@@ -127,7 +130,7 @@ def row_reduce(x, op: str, *, weight=None, eps: float = 1e-6, offset: float = 1.
                out_dtype=None, backend=None):
     """Run a fixed-order row kernel on ``x: [R, N]``.
 
-    ``op`` in ``OPS``. ``sum``/``max``/``logsumexp`` return ``[R]``; ``softmax``/``log_softmax``/
+    ``op`` in ``OPS``. ``sum``/``mean``/``max``/``logsumexp`` return ``[R]``; ``softmax``/``log_softmax``/
     ``rms_norm`` return ``[R, N]``. ``weight`` (``[N]``) is RMSNorm's scale. ``out_dtype`` defaults to
     ``x.dtype``. Inputs must already be validated by ``detjax.ops``.
     """
@@ -197,10 +200,14 @@ def row_reduce_reference(x, op, *, weight=None, eps=1e-6, offset=1.0, out_dtype=
     xf = x.astype(_acc_dtype(x.dtype))
     if op == "sum":
         return _ref_sum(xf).astype(out_dtype)
+    if op == "mean":
+        n = x.shape[1]
+        return lax.map(lambda t: t / n, _ref_sum(xf)).astype(out_dtype)
     if op == "max":
         return _ref_max(xf).astype(out_dtype)
     if op == "rms_norm":
-        r = lax.rsqrt(_ref_sum(xf * xf) / x.shape[1] + eps)
+        n = x.shape[1]
+        r = lax.map(lambda ss: lax.rsqrt(ss / n + eps), _ref_sum(xf * xf))  # scalar, as in the kernel
         return ((xf * r[:, None]) * (offset + weight.astype(xf.dtype))).astype(out_dtype)
     m = _safe_max(_ref_max(xf))[:, None]
     s = _ref_sum(jnp.exp(xf - m))[:, None]

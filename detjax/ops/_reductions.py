@@ -108,17 +108,44 @@ def sum(x, axis=-1, keepdims=False, dtype=None, where=None, *, backend=None):
     return jnp.expand_dims(r, axes) if keepdims else r
 
 
+def _mean_kernel(x, axes, out_dtype, backend):
+    """Differentiable row mean with the division inside the kernel (dtype name static)."""
+    return _mean_vjp(x, axes, out_dtype, backend, tuple(x.shape), jnp.dtype(x.dtype).name)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
+def _mean_vjp(x, axes, out_dtype, backend, x_shape, x_dtype):
+    return _row_op(x, "mean", axes, jnp.dtype(out_dtype), backend)
+
+
+def _mean_fwd(x, axes, out_dtype, backend, x_shape, x_dtype):
+    return _mean_vjp(x, axes, out_dtype, backend, x_shape, x_dtype), None
+
+
+def _mean_bwd(axes, out_dtype, backend, x_shape, x_dtype, _, g):
+    n = math.prod(x_shape[d] for d in axes)
+    return ((_expand(g.astype(jnp.float32), x_shape, axes) / n).astype(x_dtype),)
+
+
+_mean_vjp.defvjp(_mean_fwd, _mean_bwd)
+
+
 def mean(x, axis=-1, keepdims=False, dtype=None, where=None, *, backend=None):
-    """``sum / count`` with the sum in float32 (count of ``where``-selected elements if given)."""
+    """Fixed-order ``sum / count`` in float32. Without ``where`` the division happens inside the
+    kernel (XLA's CPU compiler was seen to round a separate division differently for one row);
+    with ``where`` it is ``sum(selected) / count(selected)``."""
     x, axes, be = _prep(x, "x", axis, backend)
-    acc = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
-    s = sum(x, axes, keepdims=keepdims, dtype=acc, where=where, backend=be)
-    if where is None:
-        n = math.prod(x.shape[d] for d in axes)
-    else:  # integer count: exact in any order
-        n = jnp.sum(jnp.broadcast_to(where, x.shape), axis=axes, keepdims=keepdims, dtype=jnp.int32)
     out_dtype = jnp.dtype(dtype) if dtype is not None else x.dtype
-    return (s / jnp.asarray(n, acc)).astype(out_dtype)
+    acc = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+    if where is None:
+        if math.prod(x.shape[d] for d in axes) == 0:
+            r = jnp.full(tuple(s for d, s in enumerate(x.shape) if d not in axes), jnp.nan, out_dtype)
+        else:
+            r = _mean_kernel(x, axes, out_dtype.name, be)
+        return jnp.expand_dims(r, axes) if keepdims else r
+    s = sum(x, axes, keepdims=keepdims, dtype=acc, where=where, backend=be)
+    n = jnp.sum(jnp.broadcast_to(where, x.shape), axis=axes, keepdims=keepdims, dtype=jnp.int32)
+    return (s / n.astype(acc)).astype(out_dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,61 @@
+"""Shared test helpers: bitwise comparison, fresh random inputs, device detection."""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+ON_GPU = jax.default_backend() == "gpu"
+DTYPES = [jnp.bfloat16, jnp.float16, jnp.float32]
+DTYPE_IDS = ["bf16", "f16", "f32"]
+
+# Relative Frobenius error against a float64 reference, per input/output dtype: the output is rounded
+# once to its dtype (bf16: 2^-9 relative, f16: 2^-12), f32 accumulates in f32.
+TOL = {jnp.dtype(jnp.bfloat16): 8e-3, jnp.dtype(jnp.float16): 1.5e-3, jnp.dtype(jnp.float32): 2e-6}
+
+gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a GPU (compiled Pallas kernels)")
+
+
+def bits(x) -> np.ndarray:
+    """The raw bit patterns of an array (so -0.0 != +0.0 and NaN payloads count)."""
+    a = np.asarray(x)
+    return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
+
+
+def bitwise_equal(a, b) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(bits(a), bits(b))
+
+
+def assert_bitwise_equal(a, b, what=""):
+    a, b = np.atleast_1d(np.asarray(a)), np.atleast_1d(np.asarray(b))
+    assert a.shape == b.shape, f"{what}: shapes {a.shape} vs {b.shape}"
+    assert a.dtype == b.dtype, f"{what}: dtypes {a.dtype} vs {b.dtype}"
+    diff = bits(a) != bits(b)
+    if diff.any():
+        idx = tuple(int(i[0]) for i in np.nonzero(diff))
+        raise AssertionError(f"{what}: {int(diff.sum())} of {diff.size} elements differ bitwise; "
+                             f"first at {idx}: {a[idx]!r} vs {b[idx]!r}")
+
+
+def rel_err(x, ref) -> float:
+    x = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+    ref = np.asarray(ref, np.float64)
+    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+@pytest.fixture
+def rng():
+    """A fresh generator per test; the seed is printed so a failure can be replayed."""
+    seed = int(os.environ.get("DETJAX_TEST_SEED", secrets.randbits(32)))
+    print(f"rng seed: {seed}")
+    return np.random.default_rng(seed)
+
+
+def randn(rng, shape, dtype, scale=1.0):
+    return jnp.asarray(rng.standard_normal(shape) * scale, dtype)

@@ -1,0 +1,190 @@
+"""detjax.ops.matmul / dot_general / einsum and the fixed-order matmul kernel."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from conftest import (DTYPE_IDS, DTYPES, ON_GPU, TOL, assert_bitwise_equal, bitwise_equal,
+                      gpu_only, randn, rel_err)
+from detjax import ops
+from pallas_kernels import matmul as mm
+
+MS = [1, 2, 7, 8, 33, 128, 257]
+K, N = 200, 130  # neither is a multiple of the 64-wide K tile or of the N tiles
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_batch_invariance_prefixes_and_positions(rng, dtype):
+    x = randn(rng, (max(MS), K), dtype)
+    w = randn(rng, (K, N), dtype)
+    full = ops.matmul(x, w)
+    for m in MS:
+        assert_bitwise_equal(ops.matmul(x[:m], w), full[:m], f"prefix m={m}")
+    for i in (0, 5, 100, 256):
+        assert_bitwise_equal(ops.matmul(x[i:i + 1], w)[0], full[i], f"row {i} alone")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_vmap_and_run_to_run(rng, dtype):
+    xs = randn(rng, (9, 3, K), dtype)
+    w = randn(rng, (K, N), dtype)
+    f = jax.jit(lambda x: ops.matmul(x, w))
+    batched = jax.vmap(f)(xs)
+    for i in (0, 4, 8):
+        assert_bitwise_equal(batched[i], f(xs[i]), f"vmap row {i}")
+    assert_bitwise_equal(f(xs[0]), f(xs[0]), "run-to-run")
+    assert_bitwise_equal(ops.matmul(xs, w), ops.matmul(xs, w), "run-to-run eager")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_zero_extension_of_k(rng, dtype):
+    x = randn(rng, (7, 100), dtype)
+    w = randn(rng, (100, 64), dtype)
+    ref = ops.matmul(x, w)
+    for extra in (1, 28, 29, 64, 300):
+        xz = jnp.pad(x, ((0, 0), (0, extra)))
+        wz = jnp.pad(w, ((0, extra), (0, 0)))
+        assert_bitwise_equal(ops.matmul(xz, wz), ref, f"K zero-extended by {extra}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", [(1, 64, 1), (7, 257, 33), (33, 1000, 200)])
+def test_accuracy_vs_float64(rng, dtype, shape):
+    m, k, n = shape
+    x, w = randn(rng, (m, k), dtype), randn(rng, (k, n), dtype)
+    out = ops.matmul(x, w)
+    assert out.dtype == jnp.dtype(dtype)
+    assert rel_err(out, mm.matmul_f64_reference(x, w)) < TOL[jnp.dtype(dtype)]
+
+
+def test_reference_has_same_semantics(rng):
+    # On the interpret backend the plain-JAX reference reproduces the kernel's bits.
+    if ON_GPU:
+        pytest.skip("the reference reproduces interpret-mode bits, not the GPU's tensor-core bits")
+    for dtype in DTYPES:
+        x, w = randn(rng, (5, 150), dtype), randn(rng, (150, 40), dtype)
+        assert_bitwise_equal(ops.matmul(x, w), mm.matmul_reference(x, w), f"{dtype} reference")
+
+
+def test_dot_general_batch_dims_and_einsum(rng):
+    q = randn(rng, (4, 9, 3, 16), jnp.float32)   # [b, t, h, d]
+    k = randn(rng, (4, 11, 3, 16), jnp.float32)  # [b, s, h, d]
+    s = ops.einsum("bthd,bshd->bhts", q, k)
+    assert s.shape == (4, 3, 9, 11)
+    np.testing.assert_allclose(s, jnp.einsum("bthd,bshd->bhts", q, k), rtol=1e-5, atol=1e-5)
+    # Batch invariance over b and over t.
+    assert_bitwise_equal(ops.einsum("bthd,bshd->bhts", q[1:2], k[1:2])[0], s[1], "einsum batch")
+    assert_bitwise_equal(ops.einsum("bthd,bshd->bhts", q[:, 2:3], k)[:, :, 0], s[:, :, 2], "einsum t")
+    # Weight stored [N, K] (contracting dim last) goes through the transposed-B path.
+    x, e = randn(rng, (6, 48), jnp.bfloat16), randn(rng, (300, 48), jnp.bfloat16)
+    lo = ops.dot_general(x, e, (((1,), (1,)), ((), ())))
+    assert_bitwise_equal(lo, ops.matmul(x, e.T), "transposed rhs path")
+    assert_bitwise_equal(ops.dot_general(x[3:4], e, (((1,), (1,)), ((), ())))[0], lo[3], "row 3")
+    # einsum with a summed-out index and 3 operands.
+    a, b, c = (randn(rng, sh, jnp.float32) for sh in [(5, 6, 2), (6, 7), (7, 3)])
+    np.testing.assert_allclose(ops.einsum("ijz,jk,kl->il", a, b, c),
+                               jnp.einsum("ijz,jk,kl->il", a, b, c), rtol=1e-5, atol=1e-5)
+
+
+def test_matmul_shapes_like_jnp(rng):
+    a, b = randn(rng, (2, 3, 5, 8), jnp.float32), randn(rng, (3, 8, 4), jnp.float32)
+    np.testing.assert_allclose(ops.matmul(a, b), jnp.matmul(a, b), rtol=1e-5, atol=1e-5)
+    v = randn(rng, (8,), jnp.float32)
+    np.testing.assert_allclose(ops.matmul(v, b[0]), v @ b[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ops.matmul(a, v), a @ v, rtol=1e-5, atol=1e-5)
+    assert ops.matmul(jnp.zeros((0, 8)), b[0]).shape == (0, 4)
+
+
+def test_gradients_match_and_are_deterministic(rng):
+    x, w = randn(rng, (9, 70), jnp.float32), randn(rng, (70, 20), jnp.float32)
+
+    def loss(f):
+        return lambda x, w: jnp.sum(jnp.sin(f(x, w)))
+
+    g = jax.grad(loss(ops.matmul), argnums=(0, 1))(x, w)
+    g_ref = jax.grad(loss(lambda x, w: jnp.matmul(x, w, precision="highest")), argnums=(0, 1))(x, w)
+    for a, b in zip(g, g_ref):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4)
+    g2 = jax.grad(loss(ops.matmul), argnums=(0, 1))(x, w)
+    for a, b in zip(g, g2):
+        assert_bitwise_equal(a, b, "backward run-to-run")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_nan_inf_propagate_identically(rng, dtype):
+    x, w = randn(rng, (6, 80), dtype), randn(rng, (80, 16), dtype)
+    x = x.at[2, 5].set(jnp.nan).at[4, 7].set(jnp.inf)
+    out = ops.matmul(x, w)
+    assert bool(jnp.all(jnp.isnan(out[2])))
+    assert bool(jnp.all(~jnp.isfinite(out[4])))  # inf * w gives +-inf per column
+    assert bool(jnp.all(jnp.isfinite(out[jnp.array([0, 1, 3, 5])])))
+    for i in range(6):
+        assert_bitwise_equal(ops.matmul(x[i:i + 1], w)[0], out[i], f"row {i}")
+
+
+def test_negative_control_plain_xla_breaks():
+    """The same prefix check on XLA's own dot fails: the check has teeth."""
+    r = np.random.default_rng(0)
+    if ON_GPU:
+        dtype, (m_full, k, n), ms = jnp.bfloat16, (1024, 4096, 4096), MS
+    else:  # shapes where XLA's CPU dot was measured to change with M
+        dtype, (m_full, k, n), ms = jnp.float32, (64, 4096, 512), [1, 2, 7, 8, 33]
+    x, w = randn(r, (m_full, k), dtype), randn(r, (k, n), dtype)
+    full = jnp.dot(x, w)
+    broken = [m for m in ms if not bitwise_equal(jnp.dot(x[:m], w), full[:m])]
+    assert broken, "plain XLA was batch-invariant on every shape tried: the control has no teeth"
+    ours = ops.matmul(x, w)
+    assert all(bitwise_equal(ops.matmul(x[:m], w), ours[:m]) for m in broken)
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_gpu_configs_bitwise_identical(rng, dtype):
+    """Per-shape M/N tiles are allowed only because every configuration gives the same bits."""
+    a = randn(rng, (1, 300, 1000), dtype)
+    b = randn(rng, (1, 1000, 520), dtype)
+    outs = {name: mm.matmul_kernel_call(a, b, config=cfg) for name, cfg in mm.GPU_CONFIGS.items()}
+    first = next(iter(outs.values()))
+    for name, o in outs.items():
+        assert_bitwise_equal(o, first, f"config {name}")
+
+
+@gpu_only
+def test_gpu_tf32_option_is_explicit_and_faster_algorithm(rng):
+    x, w = randn(rng, (64, 512), jnp.float32), randn(rng, (512, 256), jnp.float32)
+    full = ops.matmul(x, w)
+    tf = ops.matmul(x, w, precision="tf32")
+    ref = mm.matmul_f64_reference(x, w)
+    assert rel_err(full, ref) < 2e-6 < rel_err(tf, ref) < 3e-3
+
+
+@settings(max_examples=12, deadline=None)
+@given(m=st.integers(1, 40), k=st.integers(1, 150), n=st.integers(1, 140),
+       dtype=st.sampled_from(DTYPES), row=st.integers(0, 39), seed=st.integers(0, 2**31))
+def test_property_batch_invariance_and_accuracy(m, k, n, dtype, row, seed):
+    r = np.random.default_rng(seed)
+    x, w = randn(r, (m, k), dtype), randn(r, (k, n), dtype)
+    out = ops.matmul(x, w)
+    i = row % m
+    assert_bitwise_equal(ops.matmul(x[i:i + 1], w)[0], out[i], "row alone")
+    assert rel_err(out, mm.matmul_f64_reference(x, w)) < TOL[jnp.dtype(dtype)]
+
+
+@pytest.mark.parametrize("call, exc, words", [
+    (lambda: ops.matmul(jnp.ones((3, 4), jnp.int32), jnp.ones((4, 2))), TypeError, "a must be a floating"),
+    (lambda: ops.matmul(jnp.ones((3, 4)), jnp.ones((5, 2))), ValueError, "contracting dims do not match"),
+    (lambda: ops.matmul(jnp.ones(()), jnp.ones((5, 2))), ValueError, "rank >= 1"),
+    (lambda: ops.matmul(jnp.ones((3, 4)), jnp.ones((4, 2), jnp.complex64)), TypeError, "b must be a floating"),
+    (lambda: ops.dot_general(jnp.ones((3, 4)), jnp.ones((4, 2)), (((2,), (0,)), ((), ()))), ValueError, "out of range"),
+    (lambda: ops.dot_general(jnp.ones((3, 4)), jnp.ones((4, 2)), "bad"), ValueError, "dimension_numbers"),
+    (lambda: ops.matmul(jnp.ones((3, 4)), jnp.ones((4, 2)), precision="bf16x9"), ValueError, "precision"),
+    (lambda: ops.matmul(jnp.ones((3, 4)), jnp.ones((4, 2)), backend="cuda-fast"), ValueError, "backend"),
+    (lambda: ops.matmul(jnp.ones((3, 4)), jnp.ones((4, 2)), preferred_element_type=jnp.int32), TypeError, "preferred_element_type"),
+])
+def test_bad_input_errors_name_the_argument(call, exc, words):
+    with pytest.raises(exc, match=words):
+        call()

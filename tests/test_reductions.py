@@ -1,0 +1,178 @@
+"""Row reductions: sum, mean, max/min, argmax/argmin, logsumexp, softmax, log_softmax, rms_norm."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from conftest import (DTYPE_IDS, DTYPES, ON_GPU, assert_bitwise_equal, bitwise_equal, randn,
+                      rel_err)
+from detjax import ops
+from pallas_kernels import reductions as red
+
+N = 1500  # two 1024-lane chunks, the second partial
+
+
+def rms_ref(x, s, eps=1e-6, offset=1.0):
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + eps) * (offset + s.astype(jnp.float32))
+
+
+OPS = {
+    "sum": (ops.sum, lambda x: np.sum(x, -1)),
+    "mean": (ops.mean, lambda x: np.mean(x, -1)),
+    "max": (ops.max, lambda x: np.max(x, -1)),
+    "logsumexp": (ops.logsumexp, lambda x: np.log(np.sum(np.exp(x - x.max(-1, keepdims=True)), -1)) + x.max(-1)),
+    "softmax": (ops.softmax, lambda x: np.exp(x - x.max(-1, keepdims=True)) / np.sum(np.exp(x - x.max(-1, keepdims=True)), -1, keepdims=True)),
+    "log_softmax": (ops.log_softmax, lambda x: (x - x.max(-1, keepdims=True)) - np.log(np.sum(np.exp(x - x.max(-1, keepdims=True)), -1, keepdims=True))),
+}
+TOL = {jnp.dtype(jnp.bfloat16): 8e-3, jnp.dtype(jnp.float16): 1.5e-3, jnp.dtype(jnp.float32): 1e-5}
+
+
+@pytest.mark.parametrize("name", list(OPS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_batch_vmap_run_to_run_and_accuracy(rng, name, dtype):
+    f, ref = OPS[name]
+    x = randn(rng, (33, N), dtype, 2.0)
+    full = f(x)
+    for m in (1, 2, 7, 8):
+        assert_bitwise_equal(f(x[:m]), full[:m], f"{name} prefix {m}")
+    assert_bitwise_equal(f(x[20:21])[0], full[20], f"{name} row 20")
+    assert_bitwise_equal(jax.vmap(f)(x)[5], f(x[5]), f"{name} vmap")
+    assert_bitwise_equal(jax.jit(f)(x), jax.jit(f)(x), f"{name} run-to-run")
+    x64 = np.asarray(x.astype(jnp.float32), np.float64)
+    assert rel_err(full, ref(x64)) < TOL[jnp.dtype(dtype)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_rms_norm_invariance_and_accuracy(rng, dtype):
+    x, s = randn(rng, (3, 11, 700), dtype), randn(rng, (700,), dtype, 0.1)
+    out = ops.rms_norm(x, s)
+    assert out.dtype == jnp.dtype(dtype)
+    assert_bitwise_equal(ops.rms_norm(x[1:2, 4:5], s)[0, 0], out[1, 4], "row alone")
+    assert_bitwise_equal(jax.vmap(lambda r: ops.rms_norm(r, s))(x)[2], ops.rms_norm(x[2], s), "vmap")
+    assert rel_err(out, rms_ref(np.asarray(x.astype(jnp.float32), np.float64), np.asarray(s.astype(jnp.float32), np.float64))) < TOL[jnp.dtype(dtype)]
+    out0 = ops.rms_norm(x, s, offset=0.0, eps=1e-3)
+    np.testing.assert_allclose(np.asarray(out0, np.float32), rms_ref(x, s, 1e-3, 0.0), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("name", ["sum", "max", "logsumexp", "softmax", "log_softmax"])
+def test_zero_extension(rng, name):
+    """A row extended with identities (0 for sum; masked -inf tail for the softmax family)."""
+    f, _ = OPS[name]
+    x = randn(rng, (4, 1000), jnp.float32, 3.0)
+    fill = 0.0 if name == "sum" else -jnp.inf
+    ref = f(x)
+    for extra in (24, 25, 1048, 3000):
+        xz = jnp.pad(x, ((0, 0), (0, extra)), constant_values=fill)
+        out = f(xz)
+        if name in ("softmax", "log_softmax"):
+            out = out[:, :1000]
+        assert_bitwise_equal(out, ref, f"{name} extended by {extra}")
+    if name in ("softmax", "log_softmax", "logsumexp"):  # the same through where=
+        mask = jnp.arange(1000 + 77) < 1000
+        out = f(jnp.pad(x, ((0, 0), (0, 77)), constant_values=5.0), where=mask)
+        assert_bitwise_equal(out[:, :1000] if name != "logsumexp" else out, ref, f"{name} where")
+
+
+@pytest.mark.parametrize("axis", [0, 1, (0, 2), None, -1])
+def test_any_axis_matches_jnp(rng, axis):
+    x = randn(rng, (5, 6, 70), jnp.float32)
+    for f, g in [(ops.sum, jnp.sum), (ops.mean, jnp.mean), (ops.max, jnp.max), (ops.min, jnp.min),
+                 (ops.logsumexp, jax.nn.logsumexp)]:
+        np.testing.assert_allclose(f(x, axis=axis), g(x, axis=axis), rtol=1e-5, atol=1e-5)
+        assert f(x, axis=axis, keepdims=True).shape == g(x, axis=axis, keepdims=True).shape
+    if axis in (0, 1, -1):
+        np.testing.assert_allclose(ops.softmax(x, axis), jax.nn.softmax(x, axis), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(ops.log_softmax(x, axis), jax.nn.log_softmax(x, axis), rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(ops.argmax(x, axis), jnp.argmax(x, axis))
+        np.testing.assert_array_equal(ops.argmin(x, axis), jnp.argmin(x, axis))
+
+
+def test_reference_has_same_semantics(rng):
+    if ON_GPU:
+        pytest.skip("the reference reproduces interpret-mode bits")
+    x, w = randn(rng, (3, 2100), jnp.float32), randn(rng, (2100,), jnp.float32)
+    for op in red.OPS:
+        assert_bitwise_equal(red.row_reduce(x, op, weight=w), red.row_reduce_reference(x, op, weight=w), op)
+
+
+def test_gradients_match_and_are_deterministic(rng):
+    x, s = randn(rng, (4, 6, 50), jnp.float32), randn(rng, (50,), jnp.float32, 0.1)
+    cases = [
+        (lambda x, s: ops.rms_norm(x, s), lambda x, s: rms_ref(x, s)),
+        (lambda x, s: ops.softmax(x * s, axis=1), lambda x, s: jax.nn.softmax(x * s, axis=1)),
+        (lambda x, s: ops.log_softmax(x * s), lambda x, s: jax.nn.log_softmax(x * s)),
+        (lambda x, s: ops.logsumexp(x * s, axis=(0, 2)), lambda x, s: jax.nn.logsumexp(x * s, axis=(0, 2))),
+        (lambda x, s: ops.mean(x * s, axis=0), lambda x, s: jnp.mean(x * s, axis=0)),
+        (lambda x, s: ops.max(x * s, axis=1), lambda x, s: jnp.max(x * s, axis=1)),
+    ]
+    for f, g in cases:
+        lf = lambda x, s: jnp.sum(jnp.sin(f(x, s)))
+        lg = lambda x, s: jnp.sum(jnp.sin(g(x, s)))
+        ga, gb = jax.grad(lf, (0, 1))(x, s), jax.grad(lg, (0, 1))(x, s)
+        for a, b in zip(ga, gb):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        for a, b in zip(ga, jax.grad(lf, (0, 1))(x, s)):
+            assert_bitwise_equal(a, b, "backward run-to-run")
+
+
+def test_nan_inf_ieee_and_identical_in_batch(rng):
+    x = randn(rng, (5, 300), jnp.float32)
+    x = x.at[1, 3].set(jnp.nan).at[2, 7].set(jnp.inf).at[3, 9].set(-jnp.inf)
+    x = x.at[4].set(-jnp.inf)
+    for name, (f, _) in OPS.items():
+        out = f(x)
+        for i in range(5):
+            assert_bitwise_equal(f(x[i:i + 1])[0], out[i], f"{name} row {i}")
+        assert bool(jnp.all(jnp.isnan(out[1]))), name  # NaN propagates
+    assert float(ops.max(x)[2]) == np.inf and float(ops.logsumexp(x)[2]) == np.inf
+    assert float(ops.logsumexp(x)[4]) == -np.inf  # all -inf: -inf, like jax.nn.logsumexp
+    assert bool(jnp.all(jnp.isnan(ops.softmax(x)[4])))  # like jax.nn.softmax: 0/0
+    assert int(ops.argmax(x)[1]) == 3  # first NaN, like jnp.argmax
+
+
+def test_negative_control_plain_xla_breaks():
+    r = np.random.default_rng(1)
+    if ON_GPU:
+        x, f = randn(r, (4096, 4096), jnp.float32), jnp.sum
+        ms = [1, 7, 1000]
+    else:  # XLA's CPU row sum changes bits with the number of rows (measured)
+        x, f = randn(r, (64, 1024), jnp.float32), lambda v: jnp.sum(v, -1)
+        ms = [1, 2, 3]
+    full = f(x, axis=-1) if ON_GPU else f(x)
+    broken = [m for m in ms if not bitwise_equal((f(x[:m], axis=-1) if ON_GPU else f(x[:m])), full[:m])]
+    assert broken, "plain XLA was batch-invariant on every shape tried: the control has no teeth"
+    ours = ops.sum(x)
+    assert all(bitwise_equal(ops.sum(x[:m]), ours[:m]) for m in broken)
+
+
+@settings(max_examples=12, deadline=None)
+@given(r=st.integers(1, 12), n=st.integers(1, 2200), dtype=st.sampled_from(DTYPES),
+       name=st.sampled_from(list(OPS)), seed=st.integers(0, 2**31))
+def test_property_row_alone_equals_row_in_batch(r, n, dtype, name, seed):
+    rg = np.random.default_rng(seed)
+    x = randn(rg, (r, n), dtype, 2.0)
+    f = OPS[name][0]
+    out = f(x)
+    i = seed % r
+    assert_bitwise_equal(f(x[i:i + 1])[0], out[i], f"{name} row {i}")
+
+
+@pytest.mark.parametrize("call, exc, words", [
+    (lambda: ops.sum(jnp.ones((3, 4), jnp.int32)), TypeError, "x must be a floating"),
+    (lambda: ops.softmax(jnp.ones((3, 4)), axis=2), ValueError, "out of range"),
+    (lambda: ops.sum(jnp.ones((3, 4)), axis=(0, 0)), ValueError, "repeats"),
+    (lambda: ops.mean(jnp.ones((3, 4)), axis="a"), TypeError, "axis"),
+    (lambda: ops.rms_norm(jnp.ones((3, 4)), jnp.ones((5,))), ValueError, "scale has shape"),
+    (lambda: ops.rms_norm(jnp.ones((3, 4)), jnp.ones((4,)), eps=0.0), ValueError, "eps must be a positive"),
+    (lambda: ops.rms_norm(jnp.ones((3, 4)), jnp.ones((4, 1))), ValueError, "scale must have rank 1"),
+    (lambda: ops.max(jnp.ones((3, 0))), ValueError, "empty"),
+    (lambda: ops.logsumexp(jnp.ones((3, 4)), backend="tpu"), ValueError, "tpu"),
+])
+def test_bad_input_errors(call, exc, words):
+    with pytest.raises(exc, match=words):
+        call()
