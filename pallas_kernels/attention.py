@@ -1,0 +1,648 @@
+"""Batch-invariant attention: prefill, chunked prefill and KV-cache decode with one reduction order.
+
+Layout: ``q [B, T, N, H]``, ``k, v [B, S, K, H]`` (like ``jax.nn.dot_product_attention``), ``N`` a
+multiple of ``K``; ``G = N // K`` query heads share one KV head.
+
+Rows and masks
+--------------
+The kernels work on *rows*: for batch element ``b`` and KV head ``h`` the ``T * G`` (token, query
+head) pairs are packed as row ``r = t * G + g`` (``pack_rows``), padded to a multiple of
+``ATTN_BLOCK_Q`` (= 64) and processed 64 rows at a time. Every row carries its own key interval
+``[lo, hi)`` (``row_bounds``), which encodes every mask:
+
+* key ``j`` has absolute position ``j``; query ``t`` has absolute position ``q_positions[b, t]``;
+* causal: ``j <= pos``; sliding window ``w`` (Gemma 2/3 convention, the ``w`` most recent
+  positions *including the query itself*): ``pos - w < j``; without ``causal`` the window is
+  symmetric, ``|pos - j| < w``;
+* ``j < kv_lengths[b]`` (keys at or beyond the length are never read into a result: ``k`` and ``v``
+  there are replaced by zeros, so garbage or NaN in an unused cache area cannot leak).
+
+Rows with an empty interval (padding rows, a query before every valid key) produce exactly 0.
+
+Reduction order (the product; see also ``pallas_kernels/order.py``)
+-------------------------------------------------------------------
+* KV blocks lie on an absolute grid: block ``j`` = keys ``[j * 64, (j + 1) * 64)``
+  (``ATTN_BLOCK_K``), grouped in splits of ``ATTN_SPLIT_K`` (= 1024) keys: split ``c`` = keys
+  ``[c * 1024, (c + 1) * 1024)`` = blocks ``16 c .. 16 c + 15``. Both grids are anchored at key 0.
+* The softmax state of a row is ``(m, l, acc)`` (running max, running sum, unnormalised
+  ``[H]`` output), all float32; the empty state is ``(-inf, 0, 0)``.
+* Within a split: starting from the empty state, the split's blocks are folded in ascending ``j``
+  by ``_block_step``: ``s = (q . k) * scale`` (f32 accumulation; f32 inputs at full precision),
+  ``s = cap * tanh(s / cap)`` with a soft cap, ``s = -inf`` outside the row's interval;
+  ``m' = max(m, max_j s)``; ``p = where(valid, exp(s - m'), 0)``; ``alpha = exp(m - m')``;
+  ``l' = alpha * l + sum_j p``; ``acc' = acc * alpha + p @ v`` (``p`` cast to ``v``'s dtype for
+  bf16/f16). A block with no valid key for the row leaves its state *bitwise unchanged* (the
+  update is selected away per row), so skipping such blocks is exact.
+* Split states are merged into the running total in ascending ``c`` by ``_merge_states``:
+  ``m' = max(m, m_c)``, ``acc' = acc * exp(m - m') + acc_c * exp(m_c - m')``, ``l`` likewise; an
+  empty split leaves the total bitwise unchanged and an empty total takes the split state verbatim,
+  so empty splits (skipped, or beyond the row's keys) are exact no-ops and ``-inf`` never makes NaN.
+* ``out = acc / l`` (exactly 0 where the state is empty), cast to ``q``'s dtype;
+  ``lse = m + log(l)`` (``-inf`` when empty) is kept for the backward pass.
+
+Prefill (``attention_fwd_call``) does all of this in one kernel: a split-local state and a total
+state live in registers, merged at split boundaries; blocks and splits outside the q block's union
+of intervals are skipped. Decode (``decode_call``) runs one program per split (its state written to
+HBM), then a second Pallas kernel merges the splits in ascending order with the *same*
+``_merge_states``/``_finalize`` code, so prefill and decode run the same instruction sequence per
+row (never an XLA merge on one path and a Pallas merge on the other: XLA's and Triton's ``exp``
+differ in bits). Every in-kernel reduction (``max``/``sum`` over the 64 keys of a block, the
+dots) has a fixed shape, and one Triton configuration per head dim (``gpu_config``) is used by
+every attention kernel, so the reduction trees are the same for every call. Consequently a row's
+result depends only on its ``q``, its key interval and the keys in it: not on the other rows of its
+q block, the batch, ``max_len``/padding, or how many blocks lie beyond its valid range.
+
+Backward (``attention_bwd_call``): two Pallas kernels, deterministic run to run (no atomics). The dQ
+kernel (one program per q block) recomputes ``p = exp(s - lse)`` and walks the KV blocks in
+ascending order (also writing ``delta = rowsum(o * do)``); the dK/dV kernel (one program per KV
+block) walks the q blocks in ascending order, skipping q blocks that cannot see the KV block. GQA
+sums over the ``G`` heads of a KV head happen inside the dK/dV kernel (they are rows of the same q
+blocks).
+
+``attention_reference`` is a plain-JAX version with the same rows, blocks, splits and merge code (on
+CPU it reproduces the interpret-mode bits); ``attention_f64_reference`` is the float64 yardstick.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels import backend as _backend
+from pallas_kernels.order import ATTN_BLOCK_K, ATTN_BLOCK_Q, ATTN_SPLIT_K
+
+BLOCK_Q = ATTN_BLOCK_Q
+BLOCK_K = ATTN_BLOCK_K
+BLOCKS_PER_SPLIT = ATTN_SPLIT_K // ATTN_BLOCK_K
+_BIG = 2 ** 30  # larger than any key index; positions and windows are clipped to +-_BIG
+
+SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+
+
+def gpu_config(head_dim: int) -> tuple[int, int]:
+    """(num_warps, num_stages) of every attention kernel for this (padded) head dim, on the GPU.
+
+    One configuration per head dim, shared by prefill, decode (split and merge kernels) and the
+    backward kernels: ``num_warps`` fixes Triton's register layout of the ``[64, 64]`` score tile
+    and thus the tree of the per-row ``sum`` over a block, so it must not vary between calls or
+    between the prefill and decode kernels. ``num_stages`` only changes software pipelining.
+
+    * head_dim <= 64: 4 warps, 3 stages (two ``[64, 64]`` f32 accumulators fit comfortably);
+    * head_dim <= 128: 8 warps, 2 stages (split and total ``[64, 128]`` f32 accumulators);
+    * larger: 8 warps, 1 stage.
+    """
+    hp = padded_head_dim(head_dim)
+    if hp <= 64:
+        return 4, 3
+    if hp <= 128:
+        return 8, 2
+    return 8, 1
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """Head dims are zero-padded to a power of two >= 16 (Triton dot/load constraint)."""
+    return max(16, pl.next_power_of_2(int(head_dim)))
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def _precision(dtype):
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+@dataclasses.dataclass(frozen=True)
+class AttnConfig:
+    """Static parameters of one attention call (hashable: used as a jit / custom_vjp static)."""
+    scale: float
+    soft_cap: float | None
+    backend: str
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows: packing of (token, query head) pairs and their key intervals (plain XLA, integer/exact)
+
+
+def default_q_positions(batch: int, t: int, s: int):
+    """Default query positions: ``arange(T) + (S - T)`` (bottom-right aligned: the queries are the
+    last ``T`` of the ``S`` key positions; ``arange(T)`` in the usual ``T == S`` case)."""
+    return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32) + (s - t), (batch, t))
+
+
+def row_bounds(q_positions, kv_lengths, *, causal: bool, sliding_window: int | None):
+    """Per-token key interval ``[lo, hi)`` (int32 ``[B, T]`` each); empty intervals are ``[0, 0)``."""
+    pos = jnp.clip(q_positions.astype(jnp.int32), -_BIG, _BIG)
+    kvl = kv_lengths.astype(jnp.int32)[:, None]
+    w = None if sliding_window is None else min(int(sliding_window), _BIG)
+    lo = jnp.zeros_like(pos) if w is None else jnp.maximum(pos - (w - 1), 0)
+    if causal:
+        hi = jnp.minimum(pos + 1, kvl)
+    elif w is None:
+        hi = jnp.broadcast_to(kvl, pos.shape)
+    else:
+        hi = jnp.minimum(pos + w, kvl)
+    empty = hi <= lo
+    return jnp.where(empty, 0, lo), jnp.where(empty, 0, hi)
+
+
+def num_row_blocks(t: int, g: int) -> int:
+    return max(1, -(-(t * g) // BLOCK_Q))
+
+
+def pack_rows(x, num_kv_heads: int, hp: int):
+    """``[B, T, N, H]`` -> ``[B, K, Rp, Hp]``: row ``t * G + g`` of KV head ``h`` is query head
+    ``h * G + g`` of token ``t``; rows padded to a multiple of 64 and H to ``hp`` with zeros."""
+    b, t, n, h = x.shape
+    g = n // num_kv_heads
+    rp = num_row_blocks(t, g) * BLOCK_Q
+    x = x.reshape(b, t, num_kv_heads, g, h).transpose(0, 2, 1, 3, 4).reshape(b, num_kv_heads, t * g, h)
+    return jnp.pad(x, ((0, 0), (0, 0), (0, rp - t * g), (0, hp - h)))
+
+
+def unpack_rows(x, t: int, n: int, h: int):
+    """Inverse of ``pack_rows``: ``[B, K, Rp, Hp]`` -> ``[B, T, N, H]``."""
+    b, kh = x.shape[:2]
+    g = n // kh
+    x = x[:, :, :t * g, :h].reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4)
+    return x.reshape(b, t, n, h)
+
+
+def pack_row_ints(x, g: int, rp: int):
+    """``[B, T]`` per-token ints -> ``[B, Rp]`` per-row (each token repeated G times, padding 0)."""
+    b, t = x.shape
+    x = jnp.repeat(x, g, axis=1)
+    return jnp.pad(x, ((0, 0), (0, rp - t * g)))
+
+
+def pad_kv(x, hp: int):
+    """``[B, S, K, H]`` -> ``[B, Sp, K, Hp]`` with ``Sp`` a multiple of 64 (no copy when aligned)."""
+    b, s, kh, h = x.shape
+    sp = max(BLOCK_K, _round_up(s, BLOCK_K))
+    if (sp, hp) == (s, h):
+        return x
+    return jnp.pad(x, ((0, 0), (0, sp - s), (0, 0), (0, hp - h)))
+
+
+def prepare(q, k, v, q_positions, kv_lengths, *, causal, sliding_window):
+    """Everything the kernels take, from public-layout arrays: packed q, padded k/v, row ints."""
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    g = n // kh
+    hp = padded_head_dim(h)
+    qp = pack_rows(q, kh, hp)
+    rp = qp.shape[2]
+    lo, hi = row_bounds(q_positions, kv_lengths, causal=causal, sliding_window=sliding_window)
+    kvl = jnp.broadcast_to(kv_lengths.astype(jnp.int32)[:, None], (b, t))
+    lo, hi, kvl = (pack_row_ints(a, g, rp) for a in (lo, hi, kvl))
+    return qp, pad_kv(k, hp), pad_kv(v, hp), lo, hi, kvl
+
+
+# ----------------------------------------------------------------------------------------------
+# The per-row arithmetic, shared by every kernel and by the reference. Works on 2-D tiles
+# (inside a kernel) and on tiles with leading batch dimensions (reference).
+
+
+def _dot_nt(a, b, precision):
+    """``a [..., M, D] . b [..., N, D] -> [..., M, N]`` in f32."""
+    nb = a.ndim - 2
+    bd = tuple(range(nb))
+    return lax.dot_general(a, b, (((nb + 1,), (nb + 1,)), (bd, bd)), precision=precision,
+                           preferred_element_type=jnp.float32)
+
+
+def _dot_nn(a, b, precision):
+    """``a [..., M, K] . b [..., K, N] -> [..., M, N]`` in f32."""
+    nb = a.ndim - 2
+    bd = tuple(range(nb))
+    return lax.dot_general(a, b, (((nb + 1,), (nb,)), (bd, bd)), precision=precision,
+                           preferred_element_type=jnp.float32)
+
+
+def _dot_tn(a, b, precision):
+    """``a [K, M]^T . b [K, N] -> [M, N]`` in f32 (2-D only; backward kernels)."""
+    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=precision,
+                           preferred_element_type=jnp.float32)
+
+
+def _empty_state(lead_shape, hp):
+    return (jnp.full(lead_shape, -jnp.inf, jnp.float32), jnp.zeros(lead_shape, jnp.float32),
+            jnp.zeros(lead_shape + (hp,), jnp.float32))
+
+
+def _logits(q, k, kidx, lo, hi, cfg: AttnConfig):
+    """Masked logits ``[..., rows, 64]`` and the validity mask. ``kidx``: ``[64]`` absolute keys."""
+    s = _dot_nt(q, k, _precision(q.dtype)) * cfg.scale
+    if cfg.soft_cap is not None:
+        s = cfg.soft_cap * jnp.tanh(s / cfg.soft_cap)
+    valid = (kidx >= lo[..., None]) & (kidx < hi[..., None])
+    return jnp.where(valid, s, -jnp.inf), valid
+
+
+def _block_step(state, s, valid, v):
+    """Fold one KV block into a row state. Rows with no valid key keep their state bitwise."""
+    m, l, acc = state
+    m_blk = jnp.max(s, axis=-1)
+    any_valid = m_blk > -jnp.inf
+    m_new = jnp.maximum(m, m_blk)
+    m_use = jnp.where(any_valid, m_new, 0.0)  # finite wherever it is used
+    p = jnp.where(valid, jnp.exp(s - m_use[..., None]), 0.0)
+    alpha = jnp.where(m == -jnp.inf, 0.0, jnp.exp(m - m_use))
+    l_new = alpha * l + jnp.sum(p, axis=-1)
+    pv = _dot_nn(p.astype(v.dtype), v, _precision(v.dtype))
+    acc_new = acc * alpha[..., None] + pv
+    return (jnp.where(any_valid, m_new, m), jnp.where(any_valid, l_new, l),
+            jnp.where(any_valid[..., None], acc_new, acc))
+
+
+def _merge_states(total, part):
+    """Merge a split state into the running total (ascending split order is the caller's job)."""
+    m, l, acc = total
+    mc, lc, accc = part
+    t_empty = m == -jnp.inf
+    c_empty = mc == -jnp.inf
+    both = jnp.logical_not(t_empty | c_empty)
+    m_new = jnp.maximum(m, mc)
+    m_use = jnp.where(both, m_new, 0.0)
+    a = jnp.where(both, jnp.exp(jnp.where(both, m, 0.0) - m_use), 0.0)
+    b = jnp.where(both, jnp.exp(jnp.where(both, mc, 0.0) - m_use), 0.0)
+    l_new = l * a + lc * b
+    acc_new = acc * a[..., None] + accc * b[..., None]
+    m_out = jnp.where(c_empty, m, jnp.where(t_empty, mc, m_new))
+    l_out = jnp.where(c_empty, l, jnp.where(t_empty, lc, l_new))
+    acc_out = jnp.where(c_empty[..., None], acc, jnp.where(t_empty[..., None], accc, acc_new))
+    return m_out, l_out, acc_out
+
+
+def _finalize(state):
+    """``(out f32, lse)``: ``acc / l``, exactly 0 (and lse = -inf) for an empty state."""
+    m, l, acc = state
+    empty = m == -jnp.inf
+    l_safe = jnp.where(empty, 1.0, l)
+    out = jnp.where(empty[..., None], 0.0, acc / l_safe[..., None])
+    lse = jnp.where(empty, -jnp.inf, m + jnp.log(l_safe))
+    return out, lse
+
+
+def _block_range(lo, hi):
+    """``[first, last + 1)`` KV block touched by any row of a q block (empty: ``[BIG/64, 0)``)."""
+    ne = hi > lo
+    start = jnp.min(jnp.where(ne, lo, _BIG))
+    end = jnp.max(jnp.where(ne, hi, 0))
+    return lax.div(start, BLOCK_K), lax.div(end + (BLOCK_K - 1), BLOCK_K)
+
+
+def _load_kv_block(k_ref, v_ref, j, kv_len):
+    """Keys ``[j*64, (j+1)*64)`` of the (whole-sequence) k/v refs; rows >= kv_len set to 0."""
+    start = pl.multiple_of(j * BLOCK_K, BLOCK_K)
+    kidx = start + jnp.arange(BLOCK_K, dtype=jnp.int32)
+    ok = (kidx < kv_len)[:, None]
+    k = k_ref[pl.ds(start, BLOCK_K), :]
+    v = v_ref[pl.ds(start, BLOCK_K), :]
+    return jnp.where(ok, k, jnp.zeros_like(k)), jnp.where(ok, v, jnp.zeros_like(v)), kidx
+
+
+def _split_state(q, k_ref, v_ref, lo, hi, kv_len, b0, b1, cfg):
+    """Online softmax over blocks ``[b0, b1)`` (ascending) from the empty state."""
+    def body(j, state):
+        k, v, kidx = _load_kv_block(k_ref, v_ref, j, kv_len)
+        s, valid = _logits(q, k, kidx, lo, hi, cfg)
+        return _block_step(state, s, valid, v)
+    return lax.fori_loop(b0, b1, body, _empty_state((q.shape[0],), k_ref.shape[-1]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward kernels
+
+
+def _fwd_kernel(lo_ref, hi_ref, kvl_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg):
+    lo, hi = lo_ref[...], hi_ref[...]
+    kv_len = jnp.max(kvl_ref[...])
+    q = q_ref[...]
+    blk_start, blk_end = _block_range(lo, hi)
+    split_start = lax.div(blk_start, BLOCKS_PER_SPLIT)
+    split_end = lax.div(blk_end + (BLOCKS_PER_SPLIT - 1), BLOCKS_PER_SPLIT)
+
+    def split_body(c, total):
+        b0 = jnp.maximum(blk_start, c * BLOCKS_PER_SPLIT)
+        b1 = jnp.minimum(blk_end, (c + 1) * BLOCKS_PER_SPLIT)
+        part = _split_state(q, k_ref, v_ref, lo, hi, kv_len, b0, b1, cfg)
+        return _merge_states(total, part)
+
+    total = lax.fori_loop(split_start, split_end, split_body,
+                          _empty_state((q.shape[0],), q.shape[-1]))
+    out, lse = _finalize(total)
+    o_ref[...] = out.astype(o_ref.dtype)
+    lse_ref[...] = lse
+
+
+def _compiler_params(be, hp):
+    if be != "gpu":
+        return None
+    from jax.experimental.pallas import triton as pltriton
+    nw, ns = gpu_config(hp)
+    return pltriton.CompilerParams(num_warps=nw, num_stages=ns)
+
+
+def _check_backend(be):
+    if be in ("tpu", "tpu-interpret"):
+        raise NotImplementedError(f"backend {be!r}: the TPU attention lowering is not implemented yet")
+
+
+def _row_spec():
+    return pl.BlockSpec((None, BLOCK_Q), lambda b, h, i, *_: (b, i))
+
+
+def _qrow_spec(hp):
+    return pl.BlockSpec((None, None, BLOCK_Q, hp), lambda b, h, i, *_: (b, h, i, 0))
+
+
+def _kv_full_spec(sp, hp):
+    return pl.BlockSpec((None, sp, None, hp), lambda b, h, *_: (b, 0, h, 0))
+
+
+def attention_fwd_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig):
+    """Prefill kernel on prepared operands (see ``prepare``). Returns ``(o [B,K,Rp,Hp], lse [B,K,Rp])``."""
+    be = _backend.resolve(cfg.backend)
+    _check_backend(be)
+    b, kh, rp, hp = qp.shape
+    sp = kp.shape[1]
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, cfg=cfg),
+        grid=(b, kh, rp // BLOCK_Q),
+        in_specs=[_row_spec(), _row_spec(), _row_spec(), _qrow_spec(hp),
+                  _kv_full_spec(sp, hp), _kv_full_spec(sp, hp)],
+        out_specs=[_qrow_spec(hp), pl.BlockSpec((None, None, BLOCK_Q), lambda b, h, i: (b, h, i))],
+        out_shape=[jax.ShapeDtypeStruct(qp.shape, qp.dtype),
+                   jax.ShapeDtypeStruct((b, kh, rp), jnp.float32)],
+        interpret=_backend.interpret_arg(be),
+        compiler_params=_compiler_params(be, hp),
+        name="detjax_attention_fwd",
+    )(lo, hi, kvl, qp, kp, vp)
+
+
+def _decode_split_kernel(lo_ref, hi_ref, kvl_ref, q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, *, cfg):
+    c = pl.program_id(3)
+    lo, hi = lo_ref[...], hi_ref[...]
+    kv_len = jnp.max(kvl_ref[...])
+    q = q_ref[...]
+    blk_start, blk_end = _block_range(lo, hi)
+    b0 = jnp.maximum(blk_start, c * BLOCKS_PER_SPLIT)
+    b1 = jnp.minimum(blk_end, (c + 1) * BLOCKS_PER_SPLIT)
+    m, l, acc = _split_state(q, k_ref, v_ref, lo, hi, kv_len, b0, b1, cfg)
+    m_ref[...] = m
+    l_ref[...] = l
+    acc_ref[...] = acc
+
+
+def _decode_merge_kernel(m_ref, l_ref, acc_ref, o_ref, *, num_splits):
+    hp = acc_ref.shape[-1]
+
+    def body(c, total):
+        return _merge_states(total, (m_ref[c, :], l_ref[c, :], acc_ref[c, :, :]))
+
+    total = lax.fori_loop(0, num_splits, body, _empty_state((BLOCK_Q,), hp))
+    out, _ = _finalize(total)
+    o_ref[...] = out.astype(o_ref.dtype)
+
+
+def decode_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig):
+    """Split-parallel (flash-decoding) forward on prepared operands; bitwise equal to
+    ``attention_fwd_call``'s output. Returns ``o [B, K, Rp, Hp]``."""
+    be = _backend.resolve(cfg.backend)
+    _check_backend(be)
+    b, kh, rp, hp = qp.shape
+    sp = kp.shape[1]
+    nq = rp // BLOCK_Q
+    ns = -(-sp // ATTN_SPLIT_K)
+    state_spec = pl.BlockSpec((None, None, None, BLOCK_Q), lambda b, h, i, c: (b, h, c, i))
+    acc_spec = pl.BlockSpec((None, None, None, BLOCK_Q, hp), lambda b, h, i, c: (b, h, c, i, 0))
+    m, l, acc = pl.pallas_call(
+        functools.partial(_decode_split_kernel, cfg=cfg),
+        grid=(b, kh, nq, ns),
+        in_specs=[_row_spec(), _row_spec(), _row_spec(), _qrow_spec(hp),
+                  _kv_full_spec(sp, hp), _kv_full_spec(sp, hp)],
+        out_specs=[state_spec, state_spec, acc_spec],
+        out_shape=[jax.ShapeDtypeStruct((b, kh, ns, rp), jnp.float32),
+                   jax.ShapeDtypeStruct((b, kh, ns, rp), jnp.float32),
+                   jax.ShapeDtypeStruct((b, kh, ns, rp, hp), jnp.float32)],
+        interpret=_backend.interpret_arg(be),
+        compiler_params=_compiler_params(be, hp),
+        name="detjax_decode_attention_split",
+    )(lo, hi, kvl, qp, kp, vp)
+    return pl.pallas_call(
+        functools.partial(_decode_merge_kernel, num_splits=ns),
+        grid=(b, kh, nq),
+        in_specs=[pl.BlockSpec((None, None, ns, BLOCK_Q), lambda b, h, i: (b, h, 0, i)),
+                  pl.BlockSpec((None, None, ns, BLOCK_Q), lambda b, h, i: (b, h, 0, i)),
+                  pl.BlockSpec((None, None, ns, BLOCK_Q, hp), lambda b, h, i: (b, h, 0, i, 0))],
+        out_specs=_qrow_spec(hp),
+        out_shape=jax.ShapeDtypeStruct(qp.shape, qp.dtype),
+        interpret=_backend.interpret_arg(be),
+        compiler_params=_compiler_params(be, hp),
+        name="detjax_decode_attention_merge",
+    )(m, l, acc)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward kernels (deterministic: fixed loop orders, no atomics)
+
+
+def _bwd_p_ds(q, k, v, do, kidx, lo, hi, lse, delta, cfg):
+    """Recomputed probabilities ``p`` and the logit gradient ``ds`` (w.r.t. ``q . k``)."""
+    raw = _dot_nt(q, k, _precision(q.dtype)) * cfg.scale
+    if cfg.soft_cap is not None:
+        t = jnp.tanh(raw / cfg.soft_cap)
+        s = cfg.soft_cap * t
+    else:
+        s = raw
+    valid = (kidx >= lo[:, None]) & (kidx < hi[:, None])
+    lse_use = jnp.where(lse == -jnp.inf, 0.0, lse)
+    p = jnp.where(valid, jnp.exp(jnp.where(valid, s, 0.0) - lse_use[:, None]), 0.0)
+    dp = _dot_nt(do, v, _precision(v.dtype))
+    ds = p * (dp - delta[:, None])
+    if cfg.soft_cap is not None:
+        ds = ds * (1.0 - t * t)
+    return p, ds * cfg.scale
+
+
+def _bwd_dq_kernel(lo_ref, hi_ref, kvl_ref, q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref,
+                   dq_ref, delta_ref, *, cfg):
+    lo, hi = lo_ref[...], hi_ref[...]
+    kv_len = jnp.max(kvl_ref[...])
+    q, do = q_ref[...], do_ref[...]
+    lse = lse_ref[...]
+    delta = jnp.sum(o_ref[...].astype(jnp.float32) * do.astype(jnp.float32), axis=1)
+    blk_start, blk_end = _block_range(lo, hi)
+
+    def body(j, dq):
+        k, v, kidx = _load_kv_block(k_ref, v_ref, j, kv_len)
+        _, ds = _bwd_p_ds(q, k, v, do, kidx, lo, hi, lse, delta, cfg)
+        return dq + _dot_nn(ds.astype(k.dtype), k, _precision(k.dtype))
+
+    dq = lax.fori_loop(blk_start, blk_end, body, jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+    delta_ref[...] = delta
+
+
+def _bwd_dkv_kernel(lo_ref, hi_ref, kvl_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+                    dk_ref, dv_ref, *, cfg, num_q_blocks):
+    j = pl.program_id(2)
+    kstart = j * BLOCK_K
+    kidx = kstart + jnp.arange(BLOCK_K, dtype=jnp.int32)
+    kv_len = jnp.max(kvl_ref[pl.ds(0, BLOCK_Q)])
+    ok = (kidx < kv_len)[:, None]
+    k, v = k_ref[...], v_ref[...]
+    k = jnp.where(ok, k, jnp.zeros_like(k))
+    v = jnp.where(ok, v, jnp.zeros_like(v))
+
+    def body(i, carry):
+        rows = pl.ds(pl.multiple_of(i * BLOCK_Q, BLOCK_Q), BLOCK_Q)
+        lo, hi = lo_ref[rows], hi_ref[rows]
+        touch = jnp.max(((hi > lo) & (lo < kstart + BLOCK_K) & (hi > kstart)).astype(jnp.int32)) > 0
+
+        def update(carry):
+            dk, dv = carry
+            q, do = q_ref[rows, :], do_ref[rows, :]
+            p, ds = _bwd_p_ds(q, k, v, do, kidx, lo, hi, lse_ref[rows], delta_ref[rows], cfg)
+            dv = dv + _dot_tn(p.astype(do.dtype), do, _precision(do.dtype))
+            dk = dk + _dot_tn(ds.astype(q.dtype), q, _precision(q.dtype))
+            return dk, dv
+
+        return lax.cond(touch, update, lambda c: c, carry)
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    dk, dv = lax.fori_loop(0, num_q_blocks, body, (zeros, zeros))
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def attention_bwd_call(qp, kp, vp, lo, hi, kvl, o, lse, do, cfg: AttnConfig):
+    """Gradients ``(dq [B,K,Rp,Hp], dk [B,Sp,K,Hp], dv [B,Sp,K,Hp])`` of the prefill kernel."""
+    be = _backend.resolve(cfg.backend)
+    _check_backend(be)
+    b, kh, rp, hp = qp.shape
+    sp = kp.shape[1]
+    nq = rp // BLOCK_Q
+    interp = _backend.interpret_arg(be)
+    cp = _compiler_params(be, hp)
+    dq, delta = pl.pallas_call(
+        functools.partial(_bwd_dq_kernel, cfg=cfg),
+        grid=(b, kh, nq),
+        in_specs=[_row_spec(), _row_spec(), _row_spec(), _qrow_spec(hp),
+                  _kv_full_spec(sp, hp), _kv_full_spec(sp, hp), _qrow_spec(hp), _qrow_spec(hp),
+                  pl.BlockSpec((None, None, BLOCK_Q), lambda b, h, i: (b, h, i))],
+        out_specs=[_qrow_spec(hp), pl.BlockSpec((None, None, BLOCK_Q), lambda b, h, i: (b, h, i))],
+        out_shape=[jax.ShapeDtypeStruct(qp.shape, qp.dtype),
+                   jax.ShapeDtypeStruct((b, kh, rp), jnp.float32)],
+        interpret=interp, compiler_params=cp, name="detjax_attention_bwd_dq",
+    )(lo, hi, kvl, qp, kp, vp, o, do, lse)
+    full_rows = pl.BlockSpec((None, rp), lambda b, h, j: (b, 0))
+    full_q = pl.BlockSpec((None, None, rp, hp), lambda b, h, j: (b, h, 0, 0))
+    full_vec = pl.BlockSpec((None, None, rp), lambda b, h, j: (b, h, 0))
+    kv_blk = pl.BlockSpec((None, BLOCK_K, None, hp), lambda b, h, j: (b, j, h, 0))
+    dk, dv = pl.pallas_call(
+        functools.partial(_bwd_dkv_kernel, cfg=cfg, num_q_blocks=nq),
+        grid=(b, kh, sp // BLOCK_K),
+        in_specs=[full_rows, full_rows, full_rows, full_q, kv_blk, kv_blk, full_q, full_vec,
+                  full_vec],
+        out_specs=[kv_blk, kv_blk],
+        out_shape=[jax.ShapeDtypeStruct(kp.shape, kp.dtype), jax.ShapeDtypeStruct(vp.shape, vp.dtype)],
+        interpret=interp, compiler_params=cp, name="detjax_attention_bwd_dkv",
+    )(lo, hi, kvl, qp, kp, vp, do, lse, delta)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# References
+
+
+def _resolve_defaults(q, k, scale, q_positions, kv_lengths):
+    b, t, _, h = q.shape
+    s = k.shape[1]
+    if scale is None:
+        scale = 1.0 / math.sqrt(h)
+    if q_positions is None:
+        q_positions = default_q_positions(b, t, s)
+    if kv_lengths is None:
+        kv_lengths = jnp.full((b,), s, jnp.int32)
+    return float(scale), jnp.asarray(q_positions, jnp.int32), jnp.asarray(kv_lengths, jnp.int32)
+
+
+def attention_reference(q, k, v, *, causal=True, sliding_window=None, logits_soft_cap=None,
+                        scale=None, q_positions=None, kv_lengths=None):
+    """Plain-JAX attention with the kernels' semantics *and* order: the same rows, 64-key blocks,
+    1024-key splits and the same ``_block_step``/``_merge_states``/``_finalize`` code, evaluated
+    for all rows and blocks at once (fully masked blocks are exact no-ops, so not skipping them
+    changes nothing). Arguments as ``detjax.ops.attention`` (no checks)."""
+    scale, q_positions, kv_lengths = _resolve_defaults(q, k, scale, q_positions, kv_lengths)
+    cfg = AttnConfig(scale, None if logits_soft_cap is None else float(logits_soft_cap), "interpret")
+    return _reference_impl(q, k, v, q_positions, kv_lengths, cfg=cfg, causal=bool(causal),
+                           sliding_window=sliding_window)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "causal", "sliding_window"))
+def _reference_impl(q, k, v, q_positions, kv_lengths, *, cfg, causal, sliding_window):
+    b, t, n, h = q.shape
+    qp, kp, vp, lo, hi, kvl = prepare(q, k, v, q_positions, kv_lengths, causal=causal,
+                                      sliding_window=sliding_window)
+    _, kh, rp, hp = qp.shape
+    sp = kp.shape[1]
+    nq = rp // BLOCK_Q
+    qb = qp.reshape(b, kh, nq, BLOCK_Q, hp)
+    lo, hi = (a.reshape(b, 1, nq, BLOCK_Q) for a in (lo, hi))
+    lead = (b, kh, nq, BLOCK_Q)
+    total = _empty_state(lead, hp)
+    nblocks = sp // BLOCK_K
+    for c in range(-(-nblocks // BLOCKS_PER_SPLIT)):
+        part = _empty_state(lead, hp)
+        for j in range(c * BLOCKS_PER_SPLIT, min(nblocks, (c + 1) * BLOCKS_PER_SPLIT)):
+            kidx = j * BLOCK_K + jnp.arange(BLOCK_K, dtype=jnp.int32)
+            ok = (kidx[None, :] < kv_lengths[:, None])[:, :, None, None]  # [B, 64, 1, 1]
+            kb = jnp.where(ok, kp[:, j * BLOCK_K:(j + 1) * BLOCK_K], 0)
+            vb = jnp.where(ok, vp[:, j * BLOCK_K:(j + 1) * BLOCK_K], 0)
+            kb = jnp.broadcast_to(kb.transpose(0, 2, 1, 3)[:, :, None], (b, kh, nq, BLOCK_K, hp))
+            vb = jnp.broadcast_to(vb.transpose(0, 2, 1, 3)[:, :, None], (b, kh, nq, BLOCK_K, hp))
+            s, valid = _logits(qb, kb, kidx, lo, hi, cfg)
+            part = _block_step(part, s, valid, vb)
+        total = _merge_states(total, part)
+    out, _ = _finalize(total)
+    return unpack_rows(out.astype(q.dtype).reshape(b, kh, rp, hp), t, n, h)
+
+
+def attention_f64_reference(q, k, v, *, causal=True, sliding_window=None, logits_soft_cap=None,
+                            scale=None, q_positions=None, kv_lengths=None):
+    """Float64 numpy attention with the same mask semantics (accuracy yardstick). Returns f64."""
+    scale, q_positions, kv_lengths = _resolve_defaults(q, k, scale, q_positions, kv_lengths)
+    lo, hi = (np.asarray(a) for a in row_bounds(q_positions, kv_lengths, causal=causal,
+                                                sliding_window=sliding_window))
+    q64, k64, v64 = (np.asarray(jnp.asarray(a, jnp.float32), np.float64) for a in (q, k, v))
+    b, t, n, h = q64.shape
+    s, kh = k64.shape[1], k64.shape[2]
+    g = n // kh
+    k64 = np.repeat(k64, g, axis=2)
+    v64 = np.repeat(v64, g, axis=2)
+    logits = np.einsum("btnh,bsnh->bnts", q64, k64) * scale
+    if logits_soft_cap is not None:
+        logits = logits_soft_cap * np.tanh(logits / logits_soft_cap)
+    j = np.arange(s)
+    valid = (j[None, None, :] >= lo[:, :, None]) & (j[None, None, :] < hi[:, :, None])  # [B,T,S]
+    valid = valid[:, None]
+    logits = np.where(valid, logits, -np.inf)
+    mx = np.max(logits, axis=-1, keepdims=True)
+    mx = np.where(np.isfinite(mx), mx, 0.0)
+    p = np.where(valid, np.exp(logits - mx), 0.0)
+    den = p.sum(-1, keepdims=True)
+    p = p / np.where(den == 0, 1.0, den)
+    return np.einsum("bnts,bsnh->btnh", p, v64)

@@ -1,0 +1,372 @@
+"""Batch-invariant attention: prefill, chunked prefill and decode agree bitwise.
+
+Invariance checks compare bit patterns (never allclose). On CPU the kernels run in Pallas interpret
+mode; sizes are kept small except in ``test_decode_equals_prefill_across_splits`` (S = 2100, across
+the 64-key block and 1024-key split boundaries).
+
+Accuracy tolerances vs the float64 reference (max |out - ref| / max |ref|): f32 2e-5, f16 3e-3,
+bf16 2e-2 (the output is rounded to the input dtype and, for bf16/f16, the probabilities are cast
+to it before the ``p @ v`` product).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from detjax.ops._attention import attention, decode_attention
+from pallas_kernels import attention as K
+from pallas_kernels import backend as _backend
+
+DTYPES = [jnp.bfloat16, jnp.float16, jnp.float32]
+TOL = {jnp.dtype(jnp.bfloat16): 2e-2, jnp.dtype(jnp.float16): 3e-3, jnp.dtype(jnp.float32): 2e-5}
+INTERPRET = _backend.chosen_backend() == "interpret"
+
+
+def bits(x):
+    a = np.asarray(x)
+    return a.view({2: np.uint16, 4: np.uint32}[a.dtype.itemsize])
+
+
+def assert_bits_equal(a, b, what=""):
+    ba, bb = bits(a), bits(b)
+    assert ba.shape == bb.shape, (what, ba.shape, bb.shape)
+    if not np.array_equal(ba, bb):
+        n = int(np.sum(ba != bb))
+        raise AssertionError(f"{what}: {n} of {ba.size} elements differ in bits; max abs diff "
+                             f"{np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)))}")
+
+
+def rand(seed, shape, dtype, scale=1.0):
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(rng.standard_normal(shape) * scale, dtype)
+
+
+def qkv(seed, b, t, s, n, kh, h, dtype):
+    return (rand(seed, (b, t, n, h), dtype), rand(seed + 1, (b, s, kh, h), dtype),
+            rand(seed + 2, (b, s, kh, h), dtype))
+
+
+def rel_err(out, ref):
+    out = np.asarray(out, np.float64)
+    return np.max(np.abs(out - ref)) / max(np.max(np.abs(ref)), 1e-30)
+
+
+# ------------------------------------------------------------------------------------------------
+# Accuracy, and the plain-JAX reference reproducing the interpret bits
+
+ACC_CASES = [  # (T, S, N, K, H)
+    (1, 70, 4, 1, 64),
+    (7, 100, 4, 2, 128),
+    (33, 33, 4, 4, 64),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ACC_CASES)
+def test_accuracy_and_reference_bits(dtype, case):
+    t, s, n, kh, h = case
+    seed = 100 + 10 * ACC_CASES.index(case) + DTYPES.index(dtype)
+    q, k, v = qkv(seed, 2, t, s, n, kh, h, dtype)
+    lengths = jnp.array([s, max(1, s - 20)], jnp.int32)
+    out = attention(q, k, v, kv_lengths=lengths)
+    assert out.dtype == dtype and out.shape == q.shape
+    ref64 = K.attention_f64_reference(q, k, v, kv_lengths=lengths)
+    err = rel_err(out, ref64)
+    assert err < TOL[jnp.dtype(dtype)], err
+    if INTERPRET:
+        assert_bits_equal(out, K.attention_reference(q, k, v, kv_lengths=lengths),
+                          "kernel vs attention_reference")
+
+
+# ------------------------------------------------------------------------------------------------
+# Batch invariance, vmap invariance, run-to-run
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batch_invariance(dtype):
+    t, n, kh, h = 45, 4, 2, 64
+    seed = 200 + DTYPES.index(dtype)
+    q, k, v = qkv(seed, 1, t, t, n, kh, h, dtype)
+    alone = attention(q, k, v, kv_lengths=jnp.array([40]))
+    nq, nk, nv = qkv(seed + 7, 4, t, t, n, kh, h, dtype)
+    neighbour_lengths = [45, 3, 0, 29]
+    for pos in (0, 2, 3):
+        bq, bk, bv = nq.at[pos].set(q[0]), nk.at[pos].set(k[0]), nv.at[pos].set(v[0])
+        lens = jnp.array(neighbour_lengths, jnp.int32).at[pos].set(40)
+        out = attention(bq, bk, bv, kv_lengths=lens)
+        assert_bits_equal(out[pos], alone[0], f"row at batch position {pos}")
+        assert not np.any(np.isnan(np.asarray(out, np.float32)))
+        # run to run
+        assert_bits_equal(attention(bq, bk, bv, kv_lengths=lens), out, "run-to-run")
+
+
+def test_vmap_invariance():
+    dtype = jnp.bfloat16
+    t, n, kh, h = 20, 4, 1, 64
+    q, k, v = qkv(300, 3 * 2, t, t, n, kh, h, dtype)
+    q, k, v = (x.reshape((3, 2) + x.shape[1:]) for x in (q, k, v))
+    lens = jnp.array([[20, 5], [11, 20], [1, 17]], jnp.int32)
+    mapped = jax.vmap(lambda a, b, c, l: attention(a, b, c, kv_lengths=l))(q, k, v, lens)
+    for i in range(3):
+        assert_bits_equal(mapped[i], attention(q[i], k[i], v[i], kv_lengths=lens[i]), f"vmap item {i}")
+    dec = jax.vmap(lambda a, b, c, l: decode_attention(a, b, c, l))(q[:, :, 4:5], k, v, lens)
+    for i in range(3):
+        assert_bits_equal(dec[i], decode_attention(q[i, :, 4:5], k[i], v[i], lens[i]), f"vmap dec {i}")
+
+
+# ------------------------------------------------------------------------------------------------
+# decode == prefill
+
+
+DECODE_CASES = [
+    (jnp.bfloat16, {}),
+    (jnp.float16, {}),
+    (jnp.float32, {}),
+    (jnp.float32, dict(sliding_window=20, logits_soft_cap=30.0)),
+]
+
+
+@pytest.mark.parametrize("dtype,opts", DECODE_CASES)
+def test_decode_equals_prefill(dtype, opts):
+    s, n, kh, h = 100, 4, 2, 64
+    seed = 400 + DECODE_CASES.index((dtype, opts))
+    q, k, v = qkv(seed, 3, s, s, n, kh, h, dtype)
+    full = np.asarray(attention(q, k, v, **opts))  # row t has position t
+    lengths = np.array([37, 64, 65])
+    for tq, max_len in ((1, 100), (3, 200)):
+        pad = ((0, 0), (0, max_len - s), (0, 0), (0, 0))
+        kc = jnp.pad(k, pad, constant_values=np.nan)  # garbage beyond the lengths must not leak
+        vc = jnp.pad(v, pad, constant_values=np.nan)
+        qd = jnp.stack([q[b, L - tq:L] for b, L in enumerate(lengths)])
+        dec = decode_attention(qd, kc, vc, jnp.asarray(lengths), **opts)
+        for b, L in enumerate(lengths):
+            assert_bits_equal(dec[b], full[b, L - tq:L], f"decode tq={tq} max_len={max_len} b={b} L={L}")
+
+
+def test_decode_equals_prefill_across_splits():
+    """Cache lengths on and across the 64-key block and 1024-key split boundaries (S = 2100).
+
+    float32, so that a different split/merge order would show in the output bits (bf16 output
+    rounding hides most f32-level differences)."""
+    dtype = jnp.float32
+    s, n, kh, h = 2100, 4, 1, 64
+    q, k, v = qkv(500, 1, s, s, n, kh, h, dtype)
+    lengths = np.array([1, 63, 64, 65, 1023, 1024, 1025, 1087, 2047, 2048, 2049, 2100])
+    nb = len(lengths)
+    kb, vb = (jnp.broadcast_to(x, (nb,) + x.shape[1:]) for x in (k, v))
+    for opts in ({}, dict(sliding_window=300)):
+        full = np.asarray(attention(q, k, v, **opts))[0]
+        qd = q[0, lengths - 1][:, None]
+        dec = decode_attention(qd, kb, vb, jnp.asarray(lengths), **opts)
+        for b, L in enumerate(lengths):
+            assert_bits_equal(dec[b, 0], full[L - 1], f"decode L={L} {opts}")
+    # A larger cache (more splits, garbage beyond the lengths) and two tokens per sequence.
+    max_len = 3100
+    pad = ((0, 0), (0, max_len - s), (0, 0), (0, 0))
+    kc, vc = (jnp.pad(x, pad, constant_values=np.nan) for x in (kb, vb))
+    lengths2 = np.maximum(lengths, 2)
+    qd = jnp.stack([q[0, L - 2:L] for L in lengths2])
+    dec = decode_attention(qd, kc, vc, jnp.asarray(lengths2))
+    full = np.asarray(attention(q, k, v))[0]
+    for b, L in enumerate(lengths2):
+        assert_bits_equal(dec[b], full[L - 2:L], f"decode tq=2 max_len={max_len} L={L}")
+    # A prefill chunk that crosses the split boundary.
+    a, e = 1000, 1100
+    chunk = attention(q[:, a:e], k, v, q_positions=jnp.arange(a, e)[None], kv_lengths=jnp.array([e]))
+    assert_bits_equal(chunk[0], full[a:e], "chunk [1000, 1100)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Chunked prefill
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_chunked_prefill_equals_full(dtype):
+    s, n, kh, h = 150, 4, 2, 64
+    q, k, v = qkv(600 + DTYPES.index(dtype), 2, s, s, n, kh, h, dtype)
+    full = np.asarray(attention(q, k, v))
+    bounds = [0, 1, 8, 41, 105, 150]  # chunks of 1, 7, 33, 64, 45 tokens
+    for a, e in zip(bounds[:-1], bounds[1:]):
+        # keys so far only; default positions are the last T of S
+        chunk = attention(q[:, a:e], k[:, :e], v[:, :e])
+        assert_bits_equal(chunk, full[:, a:e], f"chunk [{a}, {e})")
+    # explicit positions against the whole (partly unwritten) cache, ragged per sequence
+    pos = jnp.array([np.arange(41, 74), np.arange(100, 133)], jnp.int32)
+    chunk = attention(jnp.stack([q[0, 41:74], q[1, 100:133]]), k, v, q_positions=pos,
+                      kv_lengths=jnp.array([74, 133]))
+    assert_bits_equal(chunk[0], full[0, 41:74], "ragged chunk b=0")
+    assert_bits_equal(chunk[1], full[1, 100:133], "ragged chunk b=1")
+
+
+# ------------------------------------------------------------------------------------------------
+# Masks
+
+
+def test_masks():
+    dtype = jnp.float32
+    t, s, n, kh, h = 20, 20, 4, 2, 64
+    q, k, v = qkv(700, 2, t, s, n, kh, h, dtype)
+    tol = TOL[jnp.dtype(dtype)]
+    # window 1: each query sees only itself -> the output is exactly its value vector
+    out = attention(q, k, v, sliding_window=1)
+    assert_bits_equal(out, jnp.repeat(v, n // kh, axis=2), "window 1")
+    # window >= length is no window at all
+    base = attention(q, k, v)
+    assert_bits_equal(attention(q, k, v, sliding_window=s), base, "window = S")
+    assert_bits_equal(attention(q, k, v, sliding_window=10 ** 9), base, "window huge")
+    for opts in (dict(sliding_window=5), dict(causal=False), dict(causal=False, sliding_window=4),
+                 dict(logits_soft_cap=2.0), dict(logits_soft_cap=2.0, sliding_window=7, scale=0.3)):
+        out = attention(q, k, v, **opts)
+        err = rel_err(out, K.attention_f64_reference(q, k, v, **opts))
+        assert err < tol, (opts, err)
+        if INTERPRET and ("logits_soft_cap" in opts or not opts.get("causal", True)):
+            assert_bits_equal(out, K.attention_reference(q, k, v, **opts), f"reference {opts}")
+
+
+def test_empty_rows_are_zero_and_garbage_does_not_leak():
+    dtype = jnp.bfloat16
+    t, s, n, kh, h = 9, 30, 4, 2, 64
+    q, k, v = qkv(800, 3, t, s, n, kh, h, dtype)
+    lengths = jnp.array([0, 30, 12], jnp.int32)
+    pos = jnp.array([np.arange(9), np.arange(-4, 5), np.arange(20, 29)], jnp.int32)
+    out = np.asarray(attention(q, k, v, q_positions=pos, kv_lengths=lengths), np.float32)
+    assert not np.any(np.isnan(out))
+    assert np.all(out[0] == 0)  # no valid key at all
+    assert np.all(out[1, :4] == 0) and np.all(np.any(out[1, 4:] != 0, axis=-1))  # negative positions
+    ref = K.attention_f64_reference(q, k, v, q_positions=pos, kv_lengths=lengths)
+    assert rel_err(out, ref) < TOL[jnp.dtype(dtype)]
+    # NaN/inf beyond kv_lengths changes nothing
+    bad = np.arange(s)[None, :, None, None] >= np.asarray(lengths)[:, None, None, None]
+    kg = jnp.where(bad, jnp.nan, k)
+    vg = jnp.where(bad, jnp.inf, v)
+    out2 = attention(q, kg, vg, q_positions=pos, kv_lengths=lengths)
+    assert_bits_equal(out2, out.astype(np.asarray(out2).dtype), "garbage beyond kv_lengths")
+    # decode with fewer cached tokens than query tokens: the early queries are empty rows
+    dec = np.asarray(decode_attention(q[:, :3], k, v, jnp.array([0, 1, 2])), np.float32)
+    assert np.all(dec[0] == 0) and np.all(dec[1, :2] == 0) and np.all(dec[2, :1] == 0)
+    assert np.all(np.any(dec[1, 2:] != 0, axis=-1)) and not np.any(np.isnan(dec))
+
+
+# ------------------------------------------------------------------------------------------------
+# Gradients
+
+
+def _plain_attention(q, k, v, *, causal, sliding_window, logits_soft_cap, kv_lengths):
+    b, t, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    pos = K.default_q_positions(b, t, s)
+    lo, hi = K.row_bounds(pos, kv_lengths, causal=causal, sliding_window=sliding_window)
+    kk, vv = (jnp.repeat(x.astype(jnp.float32), n // kh, axis=2) for x in (k, v))
+    logits = jnp.einsum("btnh,bsnh->bnts", q.astype(jnp.float32), kk, precision="highest") / np.sqrt(h)
+    if logits_soft_cap is not None:
+        logits = logits_soft_cap * jnp.tanh(logits / logits_soft_cap)
+    j = jnp.arange(s)
+    valid = ((j >= lo[:, :, None]) & (j < hi[:, :, None]))[:, None]
+    p = jax.nn.softmax(jnp.where(valid, logits, -jnp.inf), axis=-1)
+    return jnp.einsum("bnts,bsnh->btnh", p, vv, precision="highest")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gradients(dtype):
+    t, n, kh, h = 70, 4, 2, 64
+    q, k, v = qkv(900 + DTYPES.index(dtype), 2, t, t, n, kh, h, dtype)
+    w = rand(950, (2, t, n, h), jnp.float32)
+    opts = dict(causal=True, sliding_window=40, logits_soft_cap=20.0,
+                kv_lengths=jnp.array([70, 50], jnp.int32))
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v, **opts).astype(jnp.float32) * w)
+
+    grads = jax.jit(jax.grad(loss(attention), argnums=(0, 1, 2)))
+    g1 = grads(q, k, v)
+    g2 = grads(q, k, v)
+    for a, b, name in zip(g1, g2, "qkv"):
+        assert_bits_equal(a, b, f"d{name} run-to-run")
+        assert a.dtype == dtype
+    gref = jax.grad(loss(_plain_attention), argnums=(0, 1, 2))(q, k, v)
+    for a, b, name in zip(g1, gref, "qkv"):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        if dtype == jnp.float32:
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5 * np.max(np.abs(b)), err_msg=name)
+        else:
+            assert np.max(np.abs(a - b)) / np.max(np.abs(b)) < 3e-2, name
+
+
+# ------------------------------------------------------------------------------------------------
+# Negative control: XLA attention is not decode-invariant in the cache length
+
+
+def test_negative_control_xla_attention_depends_on_max_len():
+    dtype = jnp.float32
+    s, n, kh, h = 100, 4, 4, 64
+    q, k, v = qkv(1000, 1, 1, s, n, kh, h, dtype)
+
+    def xla_decode(q, kc, vc, length):
+        mask = (jnp.arange(kc.shape[1]) < length)[None, None, None, :]
+        return jax.nn.dot_product_attention(q, kc, vc, mask=mask)
+
+    outs, ours = [], []
+    for max_len in (100, 128, 160, 1100):
+        pad = ((0, 0), (0, max_len - s), (0, 0), (0, 0))
+        kc, vc = jnp.pad(k, pad), jnp.pad(v, pad)
+        outs.append(bits(jax.jit(xla_decode)(q, kc, vc, s)))
+        if max_len in (100, 1100):
+            ours.append(bits(decode_attention(q, kc, vc, jnp.array([s]))))
+    assert any(not np.array_equal(outs[0], o) for o in outs[1:]), \
+        "control: XLA attention unexpectedly invariant to the cache length here"
+    assert all(np.array_equal(ours[0], o) for o in ours[1:])
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_bad_input():
+    f32 = jnp.float32
+    q = jnp.zeros((1, 4, 4, 64), f32)
+    k = jnp.zeros((1, 8, 2, 64), f32)
+    with pytest.raises(ValueError, match="multiple"):
+        attention(q, jnp.zeros((1, 8, 3, 64), f32), jnp.zeros((1, 8, 3, 64), f32))
+    with pytest.raises(ValueError, match="head_dim"):
+        attention(q, jnp.zeros((1, 8, 2, 32), f32), jnp.zeros((1, 8, 2, 32), f32))
+    with pytest.raises(ValueError, match="q must have rank 4"):
+        attention(jnp.zeros((4, 4, 64), f32), k, k)
+    with pytest.raises(ValueError, match="v"):
+        attention(q, k, jnp.zeros((1, 9, 2, 64), f32))
+    with pytest.raises(ValueError, match="kv_lengths"):
+        attention(q, k, k, kv_lengths=jnp.array([9]))
+    with pytest.raises(ValueError, match="kv_lengths"):
+        attention(q, k, k, kv_lengths=jnp.array([-1]))
+    with pytest.raises(ValueError, match="q_positions"):
+        attention(q, k, k, q_positions=jnp.zeros((1, 3), jnp.int32))
+    with pytest.raises(ValueError, match="sliding_window"):
+        attention(q, k, k, sliding_window=0)
+    with pytest.raises(ValueError, match="sliding_window"):
+        attention(q, k, k, sliding_window=-3)
+    with pytest.raises(ValueError, match="logits_soft_cap"):
+        attention(q, k, k, logits_soft_cap=0.0)
+    with pytest.raises(ValueError, match="logits_soft_cap"):
+        attention(q, k, k, logits_soft_cap=-1.0)
+    with pytest.raises(TypeError, match="dtype"):
+        attention(q.astype(jnp.int32), k, k)
+    with pytest.raises(TypeError, match="dtype"):
+        attention(q, k.astype(jnp.bfloat16), k.astype(jnp.bfloat16))
+    with pytest.raises(ValueError, match="lengths"):
+        decode_attention(q[:, :1], k, k, jnp.array([9]))
+    with pytest.raises(ValueError, match="lengths"):
+        decode_attention(q[:, :1], k, k, jnp.array([1, 2]))
+    with pytest.raises(ValueError, match="k_cache"):
+        decode_attention(q[:, :1], jnp.zeros((1, 8, 3, 64), f32), jnp.zeros((1, 8, 3, 64), f32),
+                         jnp.array([1]))
+    with pytest.raises(ValueError, match="backend"):
+        attention(q, k, k, backend="nope")
+
+
+def test_gpu_config_one_per_head_dim():
+    assert K.gpu_config(64) == K.gpu_config(40) == (4, 3)
+    assert K.gpu_config(128) == K.gpu_config(96) == (8, 2)
+    assert K.gpu_config(256) == (8, 1)
