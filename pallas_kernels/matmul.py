@@ -13,9 +13,10 @@ Reduction order (the product; see also ``pallas_kernels/order.py``)
   - ``gpu`` (Pallas, Triton lowering): bf16/f16 -> tensor-core MMA with f32 accumulation, k-steps of
     16 in ascending order, accumulating into the running accumulator; f32 -> IEEE FMA chain
     (``precision='highest'``, the default) or TF32 MMA when the caller asks for ``precision='tf32'``.
-    On the H100 the bits were measured identical across (block_m, block_n, warps, stages)
-    configurations (``tests/test_matmul.py::test_gpu_configs_bitwise_identical``), which is why the
-    GPU wrapper may choose the M/N tile by shape.
+    The K tile on the GPU is therefore only a pipelining unit: the bits were measured identical
+    across (block_m, block_n, block_k, warps, stages) configurations
+    (``tests/test_matmul.py::test_gpu_configs_bitwise_identical``), which is why the GPU wrapper
+    may choose the tile by shape.
   - ``interpret``: XLA's CPU dot of one ``[INTERPRET_BLOCK_M, 64] x [64, INTERPRET_BLOCK_N]`` tile,
     rounded to f32 and added to the accumulator. XLA's CPU dot gives bits that depend on the tile's
     *shape* (measured), so interpret mode uses one tile shape for every call.
@@ -53,16 +54,23 @@ PRECISIONS = ("highest", "tf32")
 class TileConfig:
     block_m: int
     block_n: int
+    block_k: int = MATMUL_BLOCK_K
     num_warps: int = 4
     num_stages: int = 3
 
 
-# GPU tile configurations by M. The K tile is fixed (MATMUL_BLOCK_K); M/N tiles only move work between
-# programs and were measured not to change bits (test_gpu_configs_bitwise_identical).
+# GPU tile configurations. On the GPU the order is fixed by the tensor-core k-steps (16 wide,
+# ascending, one accumulator), not by the tile: block_m/block_n/block_k only move work between
+# programs and pipeline stages, and every configuration listed here is checked to give the same bits
+# (tests/test_matmul.py::test_gpu_configs_bitwise_identical). Interpret mode uses one tile only.
 GPU_CONFIGS = {
-    "small": TileConfig(16, 64, 4, 4),
-    "medium": TileConfig(64, 128, 4, 3),
-    "large": TileConfig(128, 128, 8, 3),
+    "small": TileConfig(16, 32, 128, 2, 4),
+    "small_wide": TileConfig(16, 64, 128, 4, 4),
+    "medium": TileConfig(64, 64, 64, 4, 4),
+    "medium_wide": TileConfig(64, 128, 64, 4, 3),
+    "large": TileConfig(128, 128, 64, 8, 3),
+    "large_wide": TileConfig(128, 256, 64, 8, 3),
+    "large_deep": TileConfig(128, 128, 64, 4, 4),
 }
 
 
@@ -86,12 +94,12 @@ def _dot_precision(dtype, precision: str):
     return None
 
 
-def _matmul_kernel(a_ref, b_ref, o_ref, *, k_tiles, transpose_b, acc_dtype, precision):
+def _matmul_kernel(a_ref, b_ref, o_ref, *, k_tiles, block_k, transpose_b, acc_dtype, precision):
     bm = a_ref.shape[-2]
     bn = o_ref.shape[-1]
 
     def body(t, acc):
-        ks = pl.ds(pl.multiple_of(t * MATMUL_BLOCK_K, MATMUL_BLOCK_K), MATMUL_BLOCK_K)
+        ks = pl.ds(pl.multiple_of(t * block_k, block_k), block_k)
         a = a_ref[0, :, ks]
         if transpose_b:
             b = b_ref[0, :, ks]
@@ -117,7 +125,7 @@ def matmul_kernel_call(a, b, *, transpose_b=False, out_dtype=None, precision="hi
       out_dtype: result dtype (default: ``a.dtype``).
       precision: ``'highest'`` (f32 inputs at full IEEE f32) or ``'tf32'`` (faster, GPU only).
       backend: override of the detjax backend (see ``pallas_kernels.backend``).
-      config: GPU tile configuration (M/N tiles only); ``None`` picks by shape.
+      config: GPU tile configuration; ``None`` picks by shape (all give the same bits).
 
     Returns:
       ``[B, M, N]`` in ``out_dtype``.
@@ -135,8 +143,10 @@ def matmul_kernel_call(a, b, *, transpose_b=False, out_dtype=None, precision="hi
         cfg = config or gpu_config_for(M, N)
     else:
         cfg = TileConfig(INTERPRET_BLOCK_M, INTERPRET_BLOCK_N)
-    bm, bn = cfg.block_m, cfg.block_n
-    Mp, Np, Kp = _round_up(max(M, 1), bm), _round_up(max(N, 1), bn), _round_up(max(K, 1), MATMUL_BLOCK_K)
+    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+    if be != "gpu" and bk != MATMUL_BLOCK_K:
+        raise ValueError(f"block_k={bk}: off the GPU the K tile is fixed at {MATMUL_BLOCK_K}")
+    Mp, Np, Kp = _round_up(max(M, 1), bm), _round_up(max(N, 1), bn), _round_up(max(K, 1), bk)
     # Zero padding: padded rows/cols of the output are sliced off; padded K adds exact zeros.
     if (Mp, Kp) != (M, K):
         a = jnp.pad(a, ((0, 0), (0, Mp - M), (0, Kp - K)))
@@ -152,7 +162,7 @@ def matmul_kernel_call(a, b, *, transpose_b=False, out_dtype=None, precision="hi
     if not b_index_batch:  # one weight shared by every batch element
         b_spec = pl.BlockSpec(b_spec.block_shape,
                               (lambda bi, i, j: (0, j, 0)) if transpose_b else (lambda bi, i, j: (0, 0, j)))
-    kernel = functools.partial(_matmul_kernel, k_tiles=Kp // MATMUL_BLOCK_K, transpose_b=transpose_b,
+    kernel = functools.partial(_matmul_kernel, k_tiles=Kp // bk, block_k=bk, transpose_b=transpose_b,
                                acc_dtype=acc_dtype, precision=_dot_precision(a.dtype, precision))
     compiler_params = None
     if be == "gpu":

@@ -58,7 +58,10 @@ def _load(ref, j, n, other):
 
 
 def _chunks(n):
-    return _backend.opaque_trip_count(pl.cdiv(n, REDUCE_CHUNK))
+    # ``n`` is the row length read from an input array at run time (see ``row_reduce``), so the
+    # compiled program is the same for every row length: on the GPU a constant trip count let the
+    # compiler drop a one-trip loop, which changed the lane tree between 1-chunk and 2-chunk rows.
+    return _backend.opaque_trip_count((n + REDUCE_CHUNK - 1) // REDUCE_CHUNK)
 
 
 def _lane_sum(ref, n, acc_dtype, fn=lambda v: v):
@@ -71,11 +74,15 @@ def _lane_sum(ref, n, acc_dtype, fn=lambda v: v):
 
 
 def _lane_max(ref, n, acc_dtype):
-    def body(j, acc):
+    """Exact max; NaN is counted separately because the GPU's max instruction drops NaN."""
+    def body(j, carry):
+        acc, nans = carry
         v, _, mask = _load(ref, j, n, 0)
-        return jnp.maximum(acc, jnp.where(mask, v.astype(acc_dtype), -jnp.inf))
-    lanes = lax.fori_loop(0, _chunks(n), body, jnp.full((REDUCE_CHUNK,), -jnp.inf, acc_dtype))
-    return jnp.max(lanes)
+        v = jnp.where(mask, v.astype(acc_dtype), -jnp.inf)
+        return jnp.maximum(acc, v), nans + jnp.where(v != v, 1.0, 0.0).astype(acc_dtype)
+    init = (jnp.full((REDUCE_CHUNK,), -jnp.inf, acc_dtype), jnp.zeros((REDUCE_CHUNK,), acc_dtype))
+    lanes, nans = lax.fori_loop(0, _chunks(n), body, init)
+    return jnp.where(jnp.sum(nans) > 0, jnp.nan, jnp.max(lanes)).astype(acc_dtype)
 
 
 def _safe_max(m):
@@ -85,14 +92,15 @@ def _safe_max(m):
 def _row_kernel(*refs, op, n, eps, offset, acc_dtype):
     from jax.experimental.pallas import triton as plgpu
     if op == "rms_norm":
-        x_ref, w_ref, o_ref = refs
+        len_ref, x_ref, w_ref, o_ref = refs
     else:
-        x_ref, o_ref = refs
+        len_ref, x_ref, o_ref = refs
+    n_static, n = n, len_ref[0]  # masks and trip counts use the run-time length
 
     if op in ("sum", "mean"):
         total = _lane_sum(x_ref, n, acc_dtype)
         if op == "mean":
-            total = total / n
+            total = total / n_static
         o_ref[...] = jnp.full(o_ref.shape, total, o_ref.dtype)
         return
     if op == "max":
@@ -100,7 +108,7 @@ def _row_kernel(*refs, op, n, eps, offset, acc_dtype):
         return
     if op == "rms_norm":
         ss = _lane_sum(x_ref, n, acc_dtype, lambda v: v * v)
-        r = lax.rsqrt(ss / n + eps)
+        r = lax.rsqrt(ss / n_static + eps)
 
         @pl.loop(0, _chunks(n))
         def _(j):
@@ -150,8 +158,8 @@ def row_reduce(x, op: str, *, weight=None, eps: float = 1e-6, offset: float = 1.
         # One scalar per row, stored as a [R, 1] column.
         out_shape = jax.ShapeDtypeStruct((R, 1), out_dtype)
         out_spec = pl.BlockSpec((None, 1), lambda r: (r, 0))
-    in_specs = [pl.BlockSpec((None, N), lambda r: (r, 0))]
-    args = [x]
+    in_specs = [pl.BlockSpec((1,), lambda r: (0,)), pl.BlockSpec((None, N), lambda r: (r, 0))]
+    args = [jnp.full((1,), N, jnp.int32), x]
     if op == "rms_norm":
         in_specs.append(pl.BlockSpec((N,), lambda r: (0,)))
         args.append(weight)

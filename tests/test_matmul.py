@@ -75,7 +75,7 @@ def test_dot_general_batch_dims_and_einsum(rng):
     k = randn(rng, (4, 11, 3, 16), jnp.float32)  # [b, s, h, d]
     s = ops.einsum("bthd,bshd->bhts", q, k)
     assert s.shape == (4, 3, 9, 11)
-    np.testing.assert_allclose(s, jnp.einsum("bthd,bshd->bhts", q, k), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(s, jnp.einsum("bthd,bshd->bhts", q, k, precision="highest"), rtol=1e-5, atol=1e-5)
     # Batch invariance over b and over t.
     assert_bitwise_equal(ops.einsum("bthd,bshd->bhts", q[1:2], k[1:2])[0], s[1], "einsum batch")
     assert_bitwise_equal(ops.einsum("bthd,bshd->bhts", q[:, 2:3], k)[:, :, 0], s[:, :, 2], "einsum t")
@@ -87,15 +87,16 @@ def test_dot_general_batch_dims_and_einsum(rng):
     # einsum with a summed-out index and 3 operands.
     a, b, c = (randn(rng, sh, jnp.float32) for sh in [(5, 6, 2), (6, 7), (7, 3)])
     np.testing.assert_allclose(ops.einsum("ijz,jk,kl->il", a, b, c),
-                               jnp.einsum("ijz,jk,kl->il", a, b, c), rtol=1e-5, atol=1e-5)
+                               jnp.einsum("ijz,jk,kl->il", a, b, c, precision="highest"), rtol=1e-5, atol=1e-5)
 
 
 def test_matmul_shapes_like_jnp(rng):
     a, b = randn(rng, (2, 3, 5, 8), jnp.float32), randn(rng, (3, 8, 4), jnp.float32)
-    np.testing.assert_allclose(ops.matmul(a, b), jnp.matmul(a, b), rtol=1e-5, atol=1e-5)
+    hi = dict(precision="highest")  # XLA's default f32 dot on a GPU is TF32
+    np.testing.assert_allclose(ops.matmul(a, b), jnp.matmul(a, b, **hi), rtol=1e-5, atol=1e-5)
     v = randn(rng, (8,), jnp.float32)
-    np.testing.assert_allclose(ops.matmul(v, b[0]), v @ b[0], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(ops.matmul(a, v), a @ v, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ops.matmul(v, b[0]), jnp.matmul(v, b[0], **hi), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ops.matmul(a, v), jnp.matmul(a, v, **hi), rtol=1e-5, atol=1e-5)
     assert ops.matmul(jnp.zeros((0, 8)), b[0]).shape == (0, 4)
 
 
@@ -148,6 +149,7 @@ def test_gpu_configs_bitwise_identical(rng, dtype):
     a = randn(rng, (1, 300, 1000), dtype)
     b = randn(rng, (1, 1000, 520), dtype)
     outs = {name: mm.matmul_kernel_call(a, b, config=cfg) for name, cfg in mm.GPU_CONFIGS.items()}
+    outs["transposed"] = mm.matmul_kernel_call(a, jnp.swapaxes(b, 1, 2), transpose_b=True)
     first = next(iter(outs.values()))
     for name, o in outs.items():
         assert_bitwise_equal(o, first, f"config {name}")
