@@ -46,6 +46,10 @@ GPU_NUM_WARPS = 4
 OPS = ("sum", "mean", "max", "logsumexp", "softmax", "log_softmax", "rms_norm")
 
 
+def _round_up(x, k):
+    return (x + k - 1) // k * k
+
+
 def _acc_dtype(dtype):
     return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
 
@@ -58,10 +62,7 @@ def _load(ref, j, n, other):
 
 
 def _chunks(n):
-    # ``n`` is the row length read from an input array at run time (see ``row_reduce``), so the
-    # compiled program is the same for every row length: on the GPU a constant trip count let the
-    # compiler drop a one-trip loop, which changed the lane tree between 1-chunk and 2-chunk rows.
-    return _backend.opaque_trip_count((n + REDUCE_CHUNK - 1) // REDUCE_CHUNK)
+    return _backend.opaque_trip_count(pl.cdiv(n, REDUCE_CHUNK))
 
 
 def _lane_sum(ref, n, acc_dtype, fn=lambda v: v):
@@ -92,10 +93,10 @@ def _safe_max(m):
 def _row_kernel(*refs, op, n, eps, offset, acc_dtype):
     from jax.experimental.pallas import triton as plgpu
     if op == "rms_norm":
-        len_ref, x_ref, w_ref, o_ref = refs
+        x_ref, w_ref, o_ref = refs
     else:
-        len_ref, x_ref, o_ref = refs
-    n_static, n = n, len_ref[0]  # masks and trip counts use the run-time length
+        x_ref, o_ref = refs
+    n_static = n
 
     if op in ("sum", "mean"):
         total = _lane_sum(x_ref, n, acc_dtype)
@@ -150,18 +151,26 @@ def row_reduce(x, op: str, *, weight=None, eps: float = 1e-6, offset: float = 1.
     R, N = x.shape
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     acc_dtype = _acc_dtype(x.dtype)
+    # Row stride padded to a multiple of 16 bytes: Triton picks the register layout of a row (and so
+    # the shape of the lane tree) from the pointers' alignment, which was measured on the H100 to give
+    # different bits for N=1000 and N=1025. Padded columns are masked (never read as data).
+    Ns = _round_up(N, 16 // jnp.dtype(x.dtype).itemsize)
+    if Ns != N:
+        x = jnp.pad(x, ((0, 0), (0, Ns - N)))
+        if weight is not None:
+            weight = jnp.pad(weight, (0, Ns - N))
     elementwise = op in ("softmax", "log_softmax", "rms_norm")
     if elementwise:
-        out_shape = jax.ShapeDtypeStruct((R, N), out_dtype)
-        out_spec = pl.BlockSpec((None, N), lambda r: (r, 0))
+        out_shape = jax.ShapeDtypeStruct((R, Ns), out_dtype)
+        out_spec = pl.BlockSpec((None, Ns), lambda r: (r, 0))
     else:
         # One scalar per row, stored as a [R, 1] column.
         out_shape = jax.ShapeDtypeStruct((R, 1), out_dtype)
         out_spec = pl.BlockSpec((None, 1), lambda r: (r, 0))
-    in_specs = [pl.BlockSpec((1,), lambda r: (0,)), pl.BlockSpec((None, N), lambda r: (r, 0))]
-    args = [jnp.full((1,), N, jnp.int32), x]
+    in_specs = [pl.BlockSpec((None, Ns), lambda r: (r, 0))]
+    args = [x]
     if op == "rms_norm":
-        in_specs.append(pl.BlockSpec((N,), lambda r: (0,)))
+        in_specs.append(pl.BlockSpec((Ns,), lambda r: (0,)))
         args.append(weight)
     kernel = functools.partial(_row_kernel, op=op, n=N, eps=eps, offset=offset, acc_dtype=acc_dtype)
     compiler_params = None
@@ -178,7 +187,9 @@ def row_reduce(x, op: str, *, weight=None, eps: float = 1e-6, offset: float = 1.
         compiler_params=compiler_params,
         name=f"detjax_row_{op}",
     )(*args)
-    return out if elementwise else out[:, 0]
+    if elementwise:
+        return out[:, :N] if Ns != N else out
+    return out[:, 0]
 
 
 # ----------------------------------------------------------------------------------------------
