@@ -1,0 +1,255 @@
+"""Flax NNX layers computing through ``detjax.ops`` (or plain XLA ops, see ``_impl``).
+
+Every layer takes explicit ``rngs: nnx.Rngs``, ``dtype`` (activation / compute dtype: inputs and
+parameters are cast to it before use; ``None`` = promote input and params) and ``param_dtype``
+(storage dtype of its parameters), and ``impl`` (``'detjax'`` | ``'xla'`` | ``None``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from detjax.nn._impl import check_impl, ops
+
+__all__ = ["Linear", "Einsum", "Embed", "RMSNorm", "Attention", "FeedForward", "Block",
+           "apply_rope", "set_implementation"]
+
+
+def _dt(x, dtype):
+    return x if dtype is None else x.astype(dtype)
+
+
+def _compute_dtype(x, w, dtype):
+    return jnp.dtype(dtype) if dtype is not None else jnp.promote_types(x.dtype, w.dtype)
+
+
+def set_implementation(module: nnx.Module, impl) -> nnx.Module:
+    """Set ``impl`` ('detjax' | 'xla' | None) on ``module`` and every sub-layer, in place."""
+    impl = check_impl(impl)
+    it = nnx.iter_modules(module) if hasattr(nnx, "iter_modules") else module.iter_modules()
+    for _, m in it:
+        if hasattr(m, "impl"):
+            m.impl = impl
+    return module
+
+
+class Linear(nnx.Module):
+    """``y = x @ W (+ b)`` with ``W: [in_features, out_features]``."""
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool = False,
+                 dtype=None, param_dtype=jnp.float32, impl=None, rngs: nnx.Rngs):
+        init = nnx.initializers.lecun_normal()
+        self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
+        self.in_features, self.out_features = in_features, out_features
+        self.dtype, self.param_dtype, self.impl = dtype, param_dtype, check_impl(impl)
+
+    def __call__(self, x):
+        w = self.kernel[...]
+        dt = _compute_dtype(x, w, self.dtype)
+        y = ops(self.impl).matmul(x.astype(dt), w.astype(dt))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(dt)
+        return y
+
+
+class Einsum(nnx.Module):
+    """``einsum(equation, x, W)`` with a weight of ``shape`` (Gemma's projections)."""
+
+    def __init__(self, equation: str, shape, *, dtype=None, param_dtype=jnp.float32, impl=None,
+                 init=None, rngs: nnx.Rngs):
+        init = init or nnx.initializers.normal(stddev=1.0 / math.sqrt(max(1, shape[-2] if len(shape) > 1 else shape[0])))
+        self.w = nnx.Param(init(rngs.params(), tuple(shape), param_dtype))
+        self.equation = equation
+        self.dtype, self.param_dtype, self.impl = dtype, param_dtype, check_impl(impl)
+
+    def __call__(self, x):
+        w = self.w[...]
+        dt = _compute_dtype(x, w, self.dtype)
+        return ops(self.impl).einsum(self.equation, x.astype(dt), w.astype(dt))
+
+
+class Embed(nnx.Module):
+    """Token embedding ``E: [vocab, features]``; ``attend(x) = x @ E^T`` (tied unembedding).
+
+    ``attend`` contracts ``x``'s last axis with ``E``'s feature axis through ``dot_general``, so
+    ``E`` is read in its stored ``[vocab, features]`` layout without a transpose copy.
+    """
+
+    def __init__(self, num_embeddings: int, features: int, *, dtype=None,
+                 param_dtype=jnp.float32, impl=None, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(stddev=1.0 / math.sqrt(features))
+        self.embedding = nnx.Param(init(rngs.params(), (num_embeddings, features), param_dtype))
+        self.num_embeddings, self.features = num_embeddings, features
+        self.dtype, self.param_dtype, self.impl = dtype, param_dtype, check_impl(impl)
+
+    def __call__(self, tokens):
+        e = self.embedding[...]
+        y = jnp.take(e, tokens, axis=0)
+        return _dt(y, self.dtype)
+
+    def attend(self, x):
+        e = self.embedding[...]
+        dt = _compute_dtype(x, e, self.dtype)
+        return ops(self.impl).dot_general(x.astype(dt), e.astype(dt),
+                                          (((x.ndim - 1,), (1,)), ((), ())))
+
+
+class RMSNorm(nnx.Module):
+    """Gemma RMSNorm: ``x * rsqrt(mean(x^2) + eps) * (1 + scale)``; ``scale`` is stored as a delta
+    from 1 (initialised to 0), normalised in float32, output in the activation dtype."""
+
+    def __init__(self, features: int, *, eps: float = 1e-6, dtype=None, param_dtype=jnp.float32,
+                 impl=None, rngs: nnx.Rngs | None = None):
+        self.scale = nnx.Param(jnp.zeros((features,), param_dtype))
+        self.eps = float(eps)
+        self.dtype, self.param_dtype, self.impl = dtype, param_dtype, check_impl(impl)
+
+    def __call__(self, x):
+        x = _dt(x, self.dtype)
+        return ops(self.impl).rms_norm(x, self.scale[...], eps=self.eps, offset=1.0)
+
+
+def apply_rope(x, positions, *, base: float = 10_000.0, scale_factor: float = 1.0):
+    """Rotary embedding (split-half convention, as Gemma) of ``x: [B, T, N, H]`` at integer
+    ``positions: [B, T]``; computed in float32 elementwise, returned in ``x``'s dtype."""
+    h = x.shape[-1]
+    half = h // 2
+    # Inverse frequencies are computed on the host (float64 -> float32 constants) so the angle is
+    # one IEEE multiply: a traced ``pos / timescale`` was measured to round differently inside a
+    # decode while_loop than in a standalone program (XLA rewrote/folded it differently).
+    inv_freq = np.asarray(1.0 / (scale_factor * base ** (2.0 * np.arange(half) / h)), np.float32)
+    angle = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B,T,half]
+    angle = angle[:, :, None, :]
+    sin, cos = jnp.sin(angle), jnp.cos(angle)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Gemma attention (MHA / GQA / MQA): q/k/v projections, optional QK-norm, RoPE, query
+    pre-scaling by ``query_pre_attn_scalar ** -0.5``, optional logit soft-cap and sliding window,
+    output projection.
+
+    Projections: ``q: 'BTD,NDH->BTNH'``, ``k``/``v``: ``'BSD,KDH->BSKH'``, out: ``'BTNH,NHD->BTD'``.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
+                 query_pre_attn_scalar: float | None = None, logits_soft_cap: float | None = None,
+                 sliding_window: int | None = None, use_qk_norm: bool = False,
+                 rope_base: float = 10_000.0, rope_scale_factor: float = 1.0, norm_eps: float = 1e-6,
+                 dtype=None, param_dtype=jnp.float32, impl=None, rngs: nnx.Rngs):
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads "
+                             f"({num_kv_heads})")
+        kw = dict(dtype=dtype, param_dtype=param_dtype, impl=impl, rngs=rngs)
+        self.q_proj = Einsum("BTD,NDH->BTNH", (num_heads, d_model, head_dim), **kw)
+        self.k_proj = Einsum("BSD,KDH->BSKH", (num_kv_heads, d_model, head_dim), **kw)
+        self.v_proj = Einsum("BSD,KDH->BSKH", (num_kv_heads, d_model, head_dim), **kw)
+        self.o_proj = Einsum("BTNH,NHD->BTD", (num_heads, head_dim, d_model),
+                             init=nnx.initializers.normal(1.0 / math.sqrt(num_heads * head_dim)), **kw)
+        if use_qk_norm:
+            self.q_norm = RMSNorm(head_dim, eps=norm_eps, **kw)
+            self.k_norm = RMSNorm(head_dim, eps=norm_eps, **kw)
+        else:
+            self.q_norm = self.k_norm = None
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.query_pre_attn_scalar = float(query_pre_attn_scalar or head_dim)
+        self.logits_soft_cap = logits_soft_cap
+        self.sliding_window = sliding_window
+        self.rope_base, self.rope_scale_factor = float(rope_base), float(rope_scale_factor)
+        self.dtype, self.param_dtype, self.impl = dtype, param_dtype, check_impl(impl)
+
+    def _qkv(self, x, positions):
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q, positions, base=self.rope_base, scale_factor=self.rope_scale_factor)
+        k = apply_rope(k, positions, base=self.rope_base, scale_factor=self.rope_scale_factor)
+        q = q * jnp.asarray(self.query_pre_attn_scalar ** -0.5, q.dtype)
+        return q, k, v
+
+    def _opts(self):
+        return dict(causal=True, sliding_window=self.sliding_window,
+                    logits_soft_cap=self.logits_soft_cap, scale=1.0)
+
+    def __call__(self, x, positions=None, kv_lengths=None):
+        """Self-attention over ``x: [B, T, D]`` (key ``j`` at position ``j``; ``positions``
+        default ``arange(T)``); ``kv_lengths: [B]`` marks right padding. Returns ``(y, (k, v))``."""
+        b, t = x.shape[:2]
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        q, k, v = self._qkv(x, positions)
+        o = ops(self.impl).attention(q, k, v, q_positions=positions, kv_lengths=kv_lengths,
+                                     **self._opts())
+        return self.o_proj(o), (k, v)
+
+    def decode(self, x, k_cache, v_cache, lengths):
+        """``x: [B, Tq, D]``: the tokens at positions ``lengths[b] .. lengths[b] + Tq - 1``. Writes
+        their keys/values into the caches ``[B, max_len, K, H]`` and attends. Returns
+        ``(y, k_cache, v_cache)``; the new valid length is ``lengths + Tq``."""
+        b, t = x.shape[:2]
+        positions = lengths[:, None].astype(jnp.int32) + jnp.arange(t, dtype=jnp.int32)[None, :]
+        q, k, v = self._qkv(x, positions)
+        upd = jax.vmap(lambda c, new, s: jax.lax.dynamic_update_slice_in_dim(c, new, s, axis=0))
+        k_cache = upd(k_cache, k.astype(k_cache.dtype), lengths)
+        v_cache = upd(v_cache, v.astype(v_cache.dtype), lengths)
+        o = ops(self.impl).decode_attention(q, k_cache, v_cache, lengths + t, **self._opts())
+        return self.o_proj(o), k_cache, v_cache
+
+
+class FeedForward(nnx.Module):
+    """GeGLU: ``W_down(gelu_tanh(x W_gate) * (x W_up))``."""
+
+    def __init__(self, d_model: int, hidden_dim: int, *, dtype=None, param_dtype=jnp.float32,
+                 impl=None, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, impl=impl, rngs=rngs)
+        self.gate = Linear(d_model, hidden_dim, **kw)
+        self.up = Linear(d_model, hidden_dim, **kw)
+        self.down = Linear(hidden_dim, d_model, **kw)
+        self.dtype, self.param_dtype, self.impl = dtype, param_dtype, check_impl(impl)
+
+    def __call__(self, x):
+        return self.down(jax.nn.gelu(self.gate(x), approximate=True) * self.up(x))
+
+
+class Block(nnx.Module):
+    """Gemma decoder block: ``x + post_attn_norm(attn(pre_attn_norm(x)))`` then
+    ``x + post_ffw_norm(ffw(pre_ffw_norm(x)))``; post-norms (Gemma 2/3) optional."""
+
+    def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 hidden_dim: int, *, use_post_norms: bool = True, norm_eps: float = 1e-6,
+                 dtype=None, param_dtype=jnp.float32, impl=None, rngs: nnx.Rngs, **attn_kw):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, impl=impl, rngs=rngs)
+        self.pre_attention_norm = RMSNorm(d_model, eps=norm_eps, **kw)
+        self.attn = Attention(d_model, num_heads, num_kv_heads, head_dim, norm_eps=norm_eps,
+                              **attn_kw, **kw)
+        self.post_attention_norm = RMSNorm(d_model, eps=norm_eps, **kw) if use_post_norms else None
+        self.pre_ffw_norm = RMSNorm(d_model, eps=norm_eps, **kw)
+        self.mlp = FeedForward(d_model, hidden_dim, **kw)
+        self.post_ffw_norm = RMSNorm(d_model, eps=norm_eps, **kw) if use_post_norms else None
+        self.dtype, self.param_dtype, self.impl = dtype, param_dtype, check_impl(impl)
+
+    def _finish(self, x, a):
+        if self.post_attention_norm is not None:
+            a = self.post_attention_norm(a)
+        x = x + a
+        h = self.mlp(self.pre_ffw_norm(x))
+        if self.post_ffw_norm is not None:
+            h = self.post_ffw_norm(h)
+        return x + h
+
+    def __call__(self, x, positions=None, kv_lengths=None):
+        """Returns ``(y, (k, v))`` (the keys/values, for filling a cache)."""
+        a, kv = self.attn(self.pre_attention_norm(x), positions, kv_lengths)
+        return self._finish(x, a), kv
+
+    def decode(self, x, k_cache, v_cache, lengths):
+        a, k_cache, v_cache = self.attn.decode(self.pre_attention_norm(x), k_cache, v_cache, lengths)
+        return self._finish(x, a), k_cache, v_cache
