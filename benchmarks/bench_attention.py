@@ -1,0 +1,60 @@
+"""Attention benchmarks (called from bench_kernels.py --only attn): prefill against
+jax.nn.dot_product_attention ('xla' and 'cudnn'), decode as achieved HBM bandwidth."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from detjax.ops._attention import attention, decode_attention
+
+
+def run(rows, iters, quick, copy_gbs, device_ms):
+    key = jax.random.key(3)
+    prefill = [(1, 2048, 128, 1), (1, 2048, 256, 4), (8, 2048, 128, 4), (1, 8192, 128, 1)]
+    if quick:
+        prefill = prefill[:1]
+    for b, t, h, kh in prefill:
+        n = 8
+        kq, kk, kv = jax.random.split(jax.random.fold_in(key, t + h + kh), 3)
+        q = jax.random.normal(kq, (b, t, n, h), jnp.bfloat16)
+        k = jax.random.normal(kk, (b, t, kh, h), jnp.bfloat16)
+        v = jax.random.normal(kv, (b, t, kh, h), jnp.bfloat16)
+        best, best_name = None, None
+        for impl in ("xla", "cudnn"):
+            try:
+                ms = device_ms(lambda q, k, v, impl=impl: jax.nn.dot_product_attention(
+                    q, k, v, is_causal=True, implementation=impl), q, k, v, iters=iters)
+            except Exception as e:  # cudnn may reject a shape: report and continue
+                print(f"prefill {impl} B={b} T={t} H={h} K={kh}: {type(e).__name__}")
+                continue
+            if best is None or ms < best:
+                best, best_name = ms, impl
+        ours = device_ms(lambda q, k, v: attention(q, k, v, causal=True), q, k, v, iters=iters)
+        flops = 4 * b * n * t * t * h / 2  # causal
+        rows.append(dict(kind="attn", name=f"prefill B{b} T{t} H{h} N8 K{kh} vs {best_name}",
+                         xla_ms=best, detjax_ms=ours, ratio=best / ours, tflops=flops / ours / 1e9,
+                         gbs=0.0, bound="flops"))
+    decode = [(1, 8192, 1), (8, 8192, 4), (64, 8192, 4), (8, 32768, 4), (64, 1024, 4)]
+    if quick:
+        decode = decode[:2]
+    for b, s, kh in decode:
+        n, h = 8, 128
+        kq, kk, kv = jax.random.split(jax.random.fold_in(key, b * s + kh), 3)
+        q = jax.random.normal(kq, (b, 1, n, h), jnp.bfloat16)
+        kc = jax.random.normal(kk, (b, s, kh, h), jnp.bfloat16)
+        vc = jax.random.normal(kv, (b, s, kh, h), jnp.bfloat16)
+        lengths = jnp.full((b,), s, jnp.int32)
+
+        def xla_decode(q, kc, vc, lengths):
+            mask = (jnp.arange(s)[None, :] < lengths[:, None])[:, None, None, :]
+            return jax.nn.dot_product_attention(q, kc, vc, mask=mask, implementation="xla")
+
+        t_x = device_ms(xla_decode, q, kc, vc, lengths, iters=iters)
+        t_d = device_ms(lambda q, kc, vc, l: decode_attention(q, kc, vc, l), q, kc, vc, lengths,
+                        iters=iters)
+        bytes_ = kc.nbytes + vc.nbytes
+        gbs = bytes_ / t_d / 1e6
+        rows.append(dict(kind="attn", name=f"decode B{b} cache{s} K{kh} H{h}", xla_ms=t_x,
+                         detjax_ms=t_d, ratio=t_x / t_d, gbs=gbs, pct_ceiling=100 * gbs / copy_gbs,
+                         bound="bytes"))

@@ -1,0 +1,5 @@
+import sys
+
+from detjax.cli import main
+
+sys.exit(main())
