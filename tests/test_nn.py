@@ -88,7 +88,9 @@ def test_impl_switch():
         assert _impl.ops("detjax") is _impl.DETJAX  # constructor argument wins
         yx = jax.jit(lambda x: lin(x))(X)
     yx2 = jax.jit(lambda x: dnn.Linear(32, 8, impl="xla", rngs=nnx.Rngs(0))(x))(X)
-    assert _beq(yx, yx2)
+    # Two different XLA programs: equal values, but on a GPU XLA may pick another algorithm for each,
+    # so only closeness is a valid expectation for the 'xla' implementation (that is the point).
+    np.testing.assert_allclose(np.asarray(yx), np.asarray(yx2), rtol=1e-5, atol=1e-5)
     dnn.set_implementation(lin, "xla")
     assert lin.impl == "xla"
     with pytest.raises(ValueError, match="impl"):
