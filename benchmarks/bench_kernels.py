@@ -77,7 +77,7 @@ def bench_matmul(rows, iters, quick, sweep=None):
 
         t_x = device_ms(xla, a, ws, iters=iters) / copies
         t_d = device_ms(det, a, ws, iters=iters) / copies
-        if sweep:
+        if sweep is not None:
             from pallas_kernels import matmul as mm
             for cname, cfg in mm.GPU_CONFIGS.items():
                 def det_cfg(a, ws, cfg=cfg):
