@@ -75,11 +75,12 @@ GPU_CONFIGS = {
 
 
 def gpu_config_for(m: int, n: int) -> TileConfig:
+    # Chosen from the H100 sweep (results/2026-11-22-h100/run4_matmul_sweep.json).
     if m <= 16:
-        return GPU_CONFIGS["small"]
+        return GPU_CONFIGS["small_wide"]
     if m <= 256:
         return GPU_CONFIGS["medium"]
-    return GPU_CONFIGS["large"]
+    return GPU_CONFIGS["large_wide"]
 
 
 def _round_up(x: int, k: int) -> int:
