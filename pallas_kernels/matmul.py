@@ -41,6 +41,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import backend as _backend
+from pallas_kernels._rows import round_up
 from pallas_kernels.order import MATMUL_BLOCK_K
 
 INTERPRET_BLOCK_M = 32
@@ -81,10 +82,6 @@ def gpu_config_for(m: int, n: int) -> TileConfig:
     if m <= 256:
         return GPU_CONFIGS["medium"]
     return GPU_CONFIGS["large_wide"]
-
-
-def _round_up(x: int, k: int) -> int:
-    return (x + k - 1) // k * k
 
 
 def _dot_precision(dtype, precision: str):
@@ -147,7 +144,7 @@ def matmul_kernel_call(a, b, *, transpose_b=False, out_dtype=None, precision="hi
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
     if be != "gpu" and bk != MATMUL_BLOCK_K:
         raise ValueError(f"block_k={bk}: off the GPU the K tile is fixed at {MATMUL_BLOCK_K}")
-    Mp, Np, Kp = _round_up(max(M, 1), bm), _round_up(max(N, 1), bn), _round_up(max(K, 1), bk)
+    Mp, Np, Kp = round_up(max(M, 1), bm), round_up(max(N, 1), bn), round_up(max(K, 1), bk)
     # Zero padding: padded rows/cols of the output are sliced off; padded K adds exact zeros.
     if (Mp, Kp) != (M, K):
         a = jnp.pad(a, ((0, 0), (0, Mp - M), (0, Kp - K)))
@@ -189,7 +186,7 @@ def matmul_reference(a, b, *, transpose_b=False, out_dtype=None, precision="high
     if transpose_b:
         b = jnp.swapaxes(b, -1, -2)
     K = a.shape[-1]
-    Kp = _round_up(max(K, 1), MATMUL_BLOCK_K)
+    Kp = round_up(max(K, 1), MATMUL_BLOCK_K)
     a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, Kp - K)])
     b = jnp.pad(b, [(0, 0)] * (b.ndim - 2) + [(0, Kp - K), (0, 0)])
     acc_dtype = jnp.float64 if a.dtype == jnp.float64 else jnp.float32

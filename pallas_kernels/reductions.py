@@ -34,24 +34,15 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import backend as _backend
+from pallas_kernels._rows import acc_dtype_for, call_row_kernel
 from pallas_kernels.order import REDUCE_CHUNK
 
-GPU_NUM_WARPS = 4
 OPS = ("sum", "mean", "max", "logsumexp", "softmax", "log_softmax", "rms_norm")
-
-
-def _round_up(x, k):
-    return (x + k - 1) // k * k
-
-
-def _acc_dtype(dtype):
-    return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
 
 
 def _load(ref, j, n, other):
@@ -146,50 +137,12 @@ def row_reduce(x, op: str, *, weight=None, eps: float = 1e-6, offset: float = 1.
     if op not in OPS:
         raise ValueError(f"op={op!r} is not one of {OPS}")
     be = _backend.resolve(backend)
-    if be in ("tpu", "tpu-interpret"):
-        raise NotImplementedError(f"backend {be!r}: the TPU row-reduction lowering is not implemented yet")
-    R, N = x.shape
     out_dtype = jnp.dtype(out_dtype or x.dtype)
-    acc_dtype = _acc_dtype(x.dtype)
-    # Row stride padded to a multiple of 16 bytes: Triton picks the register layout of a row (and so
-    # the shape of the lane tree) from the pointers' alignment, which was measured on the H100 to give
-    # different bits for N=1000 and N=1025. Padded columns are masked (never read as data).
-    Ns = _round_up(N, 16 // jnp.dtype(x.dtype).itemsize)
-    if Ns != N:
-        x = jnp.pad(x, ((0, 0), (0, Ns - N)))
-        if weight is not None:
-            weight = jnp.pad(weight, (0, Ns - N))
-    elementwise = op in ("softmax", "log_softmax", "rms_norm")
-    if elementwise:
-        out_shape = jax.ShapeDtypeStruct((R, Ns), out_dtype)
-        out_spec = pl.BlockSpec((None, Ns), lambda r: (r, 0))
-    else:
-        # One scalar per row, stored as a [R, 1] column.
-        out_shape = jax.ShapeDtypeStruct((R, 1), out_dtype)
-        out_spec = pl.BlockSpec((None, 1), lambda r: (r, 0))
-    in_specs = [pl.BlockSpec((None, Ns), lambda r: (r, 0))]
-    args = [x]
-    if op == "rms_norm":
-        in_specs.append(pl.BlockSpec((Ns,), lambda r: (0,)))
-        args.append(weight)
-    kernel = functools.partial(_row_kernel, op=op, n=N, eps=eps, offset=offset, acc_dtype=acc_dtype)
-    compiler_params = None
-    if be == "gpu":
-        from jax.experimental.pallas import triton as pltriton
-        compiler_params = pltriton.CompilerParams(num_warps=GPU_NUM_WARPS, num_stages=1)
-    out = pl.pallas_call(
-        kernel,
-        grid=(R,),
-        in_specs=in_specs,
-        out_specs=out_spec,
-        out_shape=out_shape,
-        interpret=_backend.interpret_arg(be),
-        compiler_params=compiler_params,
-        name=f"detjax_row_{op}",
-    )(*args)
-    if elementwise:
-        return out[:, :N] if Ns != N else out
-    return out[:, 0]
+    kernel = functools.partial(_row_kernel, op=op, n=x.shape[1], eps=eps, offset=offset,
+                               acc_dtype=acc_dtype_for(x.dtype))
+    return call_row_kernel(kernel, x, name=f"detjax_row_{op}", out_dtype=out_dtype,
+                           elementwise=op in ("softmax", "log_softmax", "rms_norm"), backend=be,
+                           shared=(weight,) if op == "rms_norm" else ())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,7 +169,7 @@ def _ref_max(x):
 
 def row_reduce_reference(x, op, *, weight=None, eps=1e-6, offset=1.0, out_dtype=None):
     out_dtype = jnp.dtype(out_dtype or x.dtype)
-    xf = x.astype(_acc_dtype(x.dtype))
+    xf = x.astype(acc_dtype_for(x.dtype))
     if op == "sum":
         return _ref_sum(xf).astype(out_dtype)
     if op == "mean":

@@ -38,16 +38,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import backend as _backend
+from pallas_kernels._rows import acc_dtype_for, call_row_kernel
 
 #: Chunk width of the scan kernels (the unit of the in-chunk scan and of the carry).
 SCAN_CHUNK = 256
 
-GPU_NUM_WARPS = 4
 OPS = ("sum", "max", "min", "logsumexp")
-
-
-def _acc_dtype(dtype):
-    return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
 
 
 def _identity(op):
@@ -120,30 +116,16 @@ def row_scan(x, op: str, *, reverse: bool = False, out_dtype=None, backend=None)
     if op not in OPS:
         raise ValueError(f"op={op!r} is not one of {OPS}")
     be = _backend.resolve(backend)
-    if be in ("tpu", "tpu-interpret"):
-        raise NotImplementedError(f"backend {be!r}: the TPU scan lowering is not implemented yet")
     R, N = x.shape
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     if R == 0 or N == 0:
         return jnp.zeros((R, N), out_dtype)
     if reverse:
         x = x[:, ::-1]
-    kernel = functools.partial(_scan_kernel, op=op, n=N, acc_dtype=_acc_dtype(x.dtype),
+    kernel = functools.partial(_scan_kernel, op=op, n=N, acc_dtype=acc_dtype_for(x.dtype),
                                sequential=(be == "gpu" and op != "sum"))
-    compiler_params = None
-    if be == "gpu":
-        from jax.experimental.pallas import triton as pltriton
-        compiler_params = pltriton.CompilerParams(num_warps=GPU_NUM_WARPS, num_stages=1)
-    out = pl.pallas_call(
-        kernel,
-        grid=(R,),
-        in_specs=[pl.BlockSpec((None, N), lambda r: (r, 0))],
-        out_specs=pl.BlockSpec((None, N), lambda r: (r, 0)),
-        out_shape=jax.ShapeDtypeStruct((R, N), out_dtype),
-        interpret=_backend.interpret_arg(be),
-        compiler_params=compiler_params,
-        name=f"detjax_scan_{op}",
-    )(x)
+    out = call_row_kernel(kernel, x, name=f"detjax_scan_{op}", out_dtype=out_dtype,
+                          elementwise=True, backend=be)
     return out[:, ::-1] if reverse else out
 
 
@@ -155,7 +137,7 @@ def scan_reference(x, op: str, *, reverse: bool = False, out_dtype=None):
         return jnp.zeros((R, N), out_dtype)
     if reverse:
         x = x[:, ::-1]
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype_for(x.dtype)
     nc = -(-N // SCAN_CHUNK)
     xp = jnp.pad(x.astype(acc), ((0, 0), (0, nc * SCAN_CHUNK - N)), constant_values=_identity(op))
     xp = xp.reshape(R, nc, SCAN_CHUNK)
