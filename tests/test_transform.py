@@ -36,6 +36,14 @@ def rnd(shape, seed=0, dtype=jnp.float32, scale=1.0):
     return (scale * jax.random.normal(jax.random.key(seed), shape, jnp.float32)).astype(dtype)
 
 
+@pytest.fixture(autouse=True)
+def _full_precision_references():
+    """Closeness checks compare with the untransformed function; XLA's default f32 dot on a GPU
+    is TF32, so run every reference at full f32 (detjax's f32 path is full precision anyway)."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 def batch_invariant(f, x, rows=(0, 3, -1), sub=7):
     """f(x)[i] == f(x[i:i+1])[0] for the given rows, and f(x[:sub]) == f(x)[:sub] (leading axis)."""
     full = f(x)
@@ -203,27 +211,33 @@ def test_user_custom_vjp_and_detjax_ops_inside():
 # Negative controls: plain XLA breaks batch invariance for these shapes on this CPU.
 
 CONTROLS = {
-    # name: (function, input shape, XLA fails on CPU?)
-    "sum": (lambda x: jnp.sum(x, axis=-1), (33, 1000), True),
-    "mean": (lambda x: jnp.mean(x, axis=-1), (33, 1000), True),
-    "softmax": (lambda x: jax.nn.softmax(x, axis=-1), (33, 1000), True),
-    "logsumexp": (lambda x: jax.nn.logsumexp(x, axis=-1), (64, 777), True),
-    "einsum": (lambda x: jnp.einsum("bd,dhk->bhk", x, rnd((256, 64, 32), 14)), (33, 256), True),
-    "matmul": (lambda x: x @ rnd((4096, 512), 15), (64, 4096), True),
-    # No CPU shape found where XLA's cumsum breaks (it is an associative scan per row there);
-    # on GPU XLA's reduce-window cumsum is the case detjax guards against.
-    "cumsum": (lambda x: jnp.cumsum(x, axis=-1), (33, 1000), False),
+    # name: (function, CPU input shape, XLA fails on CPU?, GPU candidate shapes)
+    "sum": (lambda x: jnp.sum(x, axis=-1), (33, 1000), True, [(64, 262144), (4096, 4096)]),
+    "mean": (lambda x: jnp.mean(x, axis=-1), (33, 1000), True, [(64, 262144), (4096, 4096)]),
+    "softmax": (lambda x: jax.nn.softmax(x, axis=-1), (33, 1000), True,
+                [(4096, 4096), (64, 262144)]),
+    "logsumexp": (lambda x: jax.nn.logsumexp(x, axis=-1), (64, 777), True,
+                  [(256, 65536), (4096, 4096)]),
+    "einsum": (lambda x: jnp.einsum("bd,dhk->bhk", x, rnd((x.shape[1], 64, 32), 14)), (33, 256),
+               True, [(1024, 4096)]),
+    "matmul": (lambda x: x @ rnd((x.shape[1], 512), 15), (64, 4096), True, [(1024, 4096)]),
+    # No CPU shape found where XLA's cumsum breaks (it is an associative scan per row there).
+    "cumsum": (lambda x: jnp.cumsum(x, axis=-1), (33, 1000), False, [(64, 65536), (1024, 4096)]),
 }
 
 
 @pytest.mark.parametrize("name", list(CONTROLS))
 def test_negative_control_and_fix(name):
-    f, shape, fails_on_cpu = CONTROLS[name]
-    x = rnd(shape, 0)  # the inputs the failing shapes were found with
+    f, cpu_shape, fails_on_cpu, gpu_shapes = CONTROLS[name]
     rows = (0, 1, -1)
+    shapes = gpu_shapes if ON_GPU else [cpu_shape]
+    # The XLA defaults are what users run, so the control uses them (not the fixture's precision).
+    with jax.default_matmul_precision(None):
+        broken = [sh for sh in shapes if not batch_invariant(jax.jit(f), rnd(sh, 0), rows=rows, sub=0)]
     if fails_on_cpu or ON_GPU:
-        assert not batch_invariant(jax.jit(f), x, rows=rows, sub=0), \
-            f"negative control: plain XLA {name} was batch-invariant for {shape}"
+        assert broken, f"negative control: plain XLA {name} was batch-invariant for {shapes}"
+    shape = broken[0] if broken else shapes[0]
+    x = rnd(shape, 0)
     d = jax.jit(deterministic(f))
     assert batch_invariant(d, x, rows=rows, sub=0)
     assert_close(d(x), f(x), rtol=1e-4, atol=1e-4)
