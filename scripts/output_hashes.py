@@ -1,0 +1,71 @@
+"""Hashes of the outputs of a fixed test set, to compare devices (e.g. H100 vs H200) bit for bit.
+
+Usage: ``python scripts/output_hashes.py [--json OUT]``. Inputs come from fixed seeds; every op runs
+on the current detjax backend. Two devices give the same bits iff every line matches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import detjax  # noqa: E402
+from detjax import ops  # noqa: E402
+
+
+def h(x) -> str:
+    return hashlib.sha256(np.asarray(x).tobytes()).hexdigest()[:16]
+
+
+def cases():
+    k = jax.random.key(1234)
+    ks = jax.random.split(k, 8)
+    a = jax.random.normal(ks[0], (257, 1000), jnp.bfloat16)
+    w = jax.random.normal(ks[1], (1000, 520), jnp.bfloat16)
+    a32 = jax.random.normal(ks[2], (33, 700), jnp.float32)
+    w32 = jax.random.normal(ks[3], (700, 130), jnp.float32)
+    q = jax.random.normal(ks[4], (2, 70, 8, 64), jnp.bfloat16)
+    kv = jax.random.normal(ks[5], (2, 70, 2, 64), jnp.bfloat16)
+    s = jax.random.normal(ks[6], (1000,), jnp.bfloat16) * 0.1
+    yield "matmul bf16 257x1000x520", ops.matmul(a, w)
+    yield "matmul f32 33x700x130", ops.matmul(a32, w32)
+    yield "rms_norm bf16", ops.rms_norm(a, s)
+    yield "softmax bf16", ops.softmax(a)
+    yield "logsumexp f32", ops.logsumexp(a32)
+    yield "sum f32", ops.sum(a32)
+    yield "cumsum f32", ops.cumsum(a32)
+    yield "attention bf16 causal", ops.attention(q, kv, kv, causal=True)
+    yield "decode_attention bf16", ops.decode_attention(q[:, :1], kv, kv, jnp.array([70, 33], jnp.int32))
+    from flax import nnx
+    from detjax.models.gemma import GemmaConfig, Transformer
+    model = Transformer(GemmaConfig.tiny(), rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(ks[7], (3, 20), 1, model.config.vocab_size)
+    yield "gemma tiny logits", nnx.jit(lambda m, t: m(t))(model, tokens)
+    out = detjax.generate(model, [[5, 6, 7, 8], [9, 10]], 8)
+    yield "gemma tiny generate logprobs", np.concatenate([np.asarray(x) for x in out.logprobs])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    rows = [(name, h(x)) for name, x in cases()]
+    dev = jax.devices()[0].device_kind
+    print(f"device: {dev}  backend: {detjax.chosen_backend()}  jax {jax.__version__}")
+    for name, digest in rows:
+        print(f"{name:34s} {digest}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(device=dev, rows=dict(rows)), indent=1))
+
+
+if __name__ == "__main__":
+    main()
