@@ -131,8 +131,10 @@ def matmul_kernel_call(a, b, *, transpose_b=False, out_dtype=None, precision="hi
     Inputs must already be validated (same dtype, matching dims); ``detjax.ops`` does that.
     """
     be = _backend.resolve(backend)
-    if be in ("tpu", "tpu-interpret"):
-        raise NotImplementedError(f"backend {be!r}: the TPU matmul lowering is not implemented yet")
+    if be in ("tpu", "tpu-interpret"):  # Mosaic TPU lowering, its own documented order
+        from pallas_kernels import tpu
+        return tpu.matmul_kernel_call(a, b, transpose_b=transpose_b, out_dtype=out_dtype,
+                                      precision=precision, backend=be, config=config)
     B, M, K = a.shape
     N = b.shape[1] if transpose_b else b.shape[2]
     out_dtype = jnp.dtype(out_dtype or a.dtype)

@@ -27,6 +27,22 @@ the non-reduced dimensions.
   computes the splits in parallel programs and merges them, in the same order and with the same
   code, in a second Pallas kernel. Query rows never interact: rows of a ``ATTN_BLOCK_Q`` block are
   (token, query head) pairs of one KV head, each with its own absolute position and key interval.
+
+TPU (``pallas_kernels/tpu.py``, backends ``tpu`` and ``tpu-interpret``) keeps the common rule but
+not the GPU's tile shapes, so its bits differ from the GPU's and the CPU interpreter's:
+
+* Matmul: grid ``(B, M/128, N/128, K/256)`` with K last and sequential; ``K`` is cut into tiles of
+  ``tpu.TPU_BLOCK_K`` (= 256, not ``MATMUL_BLOCK_K``: Mosaic needs K blocks in multiples of 128)
+  starting at k=0, added in ascending order into one f32 VMEM accumulator per output element; the
+  tile product is one MXU dot of a fixed ``[128, 256] x [256, 128]`` tile (M/N/K zero-padded in the
+  wrapper, so no shape ever changes the tile). f16 inputs are converted to f32 (exact) in the
+  wrapper; ``precision='tf32'`` is rejected.
+* Row reductions: the same ``REDUCE_CHUNK`` chunks, anchored at 0, accumulated elementwise in
+  ascending order (rows padded with the identity in the wrapper instead of masked loads; 8 or 16
+  rows per program, rows never interact); the final tree is three explicit halvings
+  (1024 -> 512 -> 256 -> 128 lanes, ``acc[:, :w/2] + acc[:, w/2:]``) followed by the backend's
+  cross-lane reduce of 128 lanes.
+* Attention: not lowered yet.
 """
 
 KERNELS_VERSION = "1"

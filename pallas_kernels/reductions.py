@@ -137,6 +137,10 @@ def row_reduce(x, op: str, *, weight=None, eps: float = 1e-6, offset: float = 1.
     if op not in OPS:
         raise ValueError(f"op={op!r} is not one of {OPS}")
     be = _backend.resolve(backend)
+    if be in ("tpu", "tpu-interpret"):  # Mosaic TPU lowering, its own documented order
+        from pallas_kernels import tpu
+        return tpu.row_reduce(x, op, weight=weight, eps=eps, offset=offset, out_dtype=out_dtype,
+                              backend=be)
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     kernel = functools.partial(_row_kernel, op=op, n=x.shape[1], eps=eps, offset=offset,
                                acc_dtype=acc_dtype_for(x.dtype))
