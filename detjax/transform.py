@@ -161,6 +161,24 @@ _LANE_FIXES = {
 }
 
 
+#: Transcendental elementwise primitives. Their XLA:GPU code was measured to change with the fusion
+#: around them: a ``tanh`` fused between two detjax kernels gave other bits for a row alone than
+#: inside a batch on the H100, while the same ``tanh`` alone, or behind optimization barriers, was
+#: batch-invariant (results/2026-11-22-h100, run 9). Each is therefore evaluated in a fusion of its
+#: own: barriers on its inputs and output. (Correctly rounded ops - add, mul, div, sqrt - and
+#: data movement are left to fuse.)
+_ISOLATED = frozenset("""
+exp exp2 expm1 log log1p tanh logistic erf erfc erf_inv sin cos tan asin acos atan2 sinh cosh
+asinh acosh atanh pow cbrt lgamma digamma
+""".split())
+
+
+def _isolated(eqn, invals):
+    from detjax.ops import isolated
+    params = eqn.primitive.get_bind_params(eqn.params)
+    return isolated(lambda *a: eqn.primitive.bind(*a, **params), *invals)
+
+
 def _is_float(x) -> bool:
     return jnp.issubdtype(x.aval.dtype if hasattr(x, "aval") else x.dtype, jnp.floating)
 
@@ -317,6 +335,10 @@ class _Interpreter:
         if name in _LANE_FIXES and _is_float(eqn.invars[0]):
             self._record("replaced", eqn, _LANE_FIXES[name][1])
             return _LANE_FIXES[name][0](*invals)
+        if name in _ISOLATED and _is_float(eqn.outvars[0]):
+            self._record("replaced", eqn, "isolated in its own fusion (XLA:GPU's code for it "
+                                          "changed with the surrounding fusion)")
+            return _isolated(eqn, invals)
         if name in _CALLS:
             self.ctx.append(self._src(eqn))
             try:
@@ -385,6 +407,9 @@ class _Interpreter:
                     return True
             elif n in _LANE_FIXES:
                 if _is_float(e.invars[0]):
+                    return True
+            elif n in _ISOLATED:
+                if _is_float(e.outvars[0]):
                     return True
             elif n in _CALLS:
                 for sub in _subjaxprs(e):

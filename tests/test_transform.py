@@ -500,7 +500,9 @@ def test_explain():
     assert "dot_general" in replaced and "reduce_sum" in replaced
     assert [r.primitive for r in rep.unsupported] == ["reduce_prod"]
     left = {r.primitive: r for r in rep.left}
-    assert "tanh" in left and "reduce_sum" in left  # the integer sum: exact, left to XLA
+    assert "reduce_sum" in left and "add" in left  # the integer sum: exact, left to XLA
+    tanh = [r for r in rep.replaced if r.primitive == "tanh"]  # transcendental: own fusion
+    assert len(tanh) == 1 and "isolated" in tanh[0].note
     prim, shapes, src = rep.unsupported[0]
     assert prim == "reduce_prod" and shapes == ("float32[3, 8]",) and "test_transform.py" in src
     s = str(rep)

@@ -239,7 +239,8 @@ class Transformer(nnx.Module):
         if cap is not None:
             # multiply by a host-computed reciprocal: a division by a constant may be rewritten
             # differently by XLA in different programs (prefill vs the decode loop).
-            logits = jnp.tanh(logits * jnp.float32(1.0 / cap)) * jnp.float32(cap)
+            logits = ops(self.impl).isolated(
+                lambda v: jnp.tanh(v * jnp.float32(1.0 / cap)) * jnp.float32(cap), logits)
         return logits
 
     @staticmethod

@@ -73,31 +73,12 @@ def _detjax_namespace():
     import detjax.ops as dops
     from detjax.ops import _attention
 
-    def cumsum(x, axis=-1):
-        try:
-            from detjax.ops._scan import cumsum as _cs
-        except ImportError:  # fixed-order fallback: a sequential scan (slow but order-fixed)
-            return _seq_cumsum(x, axis)
-        return _cs(x, axis=axis)
-
     return types.SimpleNamespace(
         name="detjax", matmul=dops.matmul, einsum=dops.einsum, dot_general=dops.dot_general,
         sum=dops.sum, mean=dops.mean, max=dops.max, logsumexp=dops.logsumexp,
         softmax=dops.softmax, log_softmax=dops.log_softmax, argmax=dops.argmax,
         rms_norm=dops.rms_norm, attention=_attention.attention,
-        decode_attention=_attention.decode_attention, cumsum=cumsum)
-
-
-def _seq_cumsum(x, axis=-1):
-    x = jnp.moveaxis(x, axis, 0)
-    acc = jnp.zeros(x.shape[1:], jnp.float32)
-
-    def body(c, xi):
-        c = c + xi.astype(jnp.float32)
-        return c, c
-
-    _, ys = lax.scan(body, acc, x)
-    return jnp.moveaxis(ys.astype(x.dtype), 0, axis)
+        decode_attention=_attention.decode_attention, cumsum=dops.cumsum, isolated=dops.isolated)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,7 +178,7 @@ XLA = types.SimpleNamespace(
     log_softmax=lambda x, axis=-1, **kw: jax.nn.log_softmax(x, axis=axis),
     argmax=lambda x, axis=-1, keepdims=False, **kw: jnp.argmax(x, axis=axis, keepdims=keepdims),
     rms_norm=_x_rms_norm, attention=_x_attention, decode_attention=_x_decode_attention,
-    cumsum=lambda x, axis=-1: jnp.cumsum(x, axis=axis))
+    cumsum=lambda x, axis=-1: jnp.cumsum(x, axis=axis), isolated=lambda fn, *args: fn(*args))
 
 
 class _LazyDetjax:

@@ -115,7 +115,7 @@ class RMSNorm(nnx.Module):
         return ops(self.impl).rms_norm(x, self.scale[...], eps=self.eps, offset=1.0)
 
 
-def apply_rope(x, positions, *, base: float = 10_000.0, scale_factor: float = 1.0):
+def apply_rope(x, positions, *, base: float = 10_000.0, scale_factor: float = 1.0, impl=None):
     """Rotary embedding (split-half convention, as Gemma) of ``x: [B, T, N, H]`` at integer
     ``positions: [B, T]``; computed in float32 elementwise, returned in ``x``'s dtype."""
     h = x.shape[-1]
@@ -126,7 +126,7 @@ def apply_rope(x, positions, *, base: float = 10_000.0, scale_factor: float = 1.
     inv_freq = np.asarray(1.0 / (scale_factor * base ** (2.0 * np.arange(half) / h)), np.float32)
     angle = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B,T,half]
     angle = angle[:, :, None, :]
-    sin, cos = jnp.sin(angle), jnp.cos(angle)
+    sin, cos = ops(impl).isolated(lambda a: (jnp.sin(a), jnp.cos(a)), angle)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
@@ -170,8 +170,8 @@ class Attention(nnx.Module):
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q, positions, base=self.rope_base, scale_factor=self.rope_scale_factor)
-        k = apply_rope(k, positions, base=self.rope_base, scale_factor=self.rope_scale_factor)
+        rope = dict(base=self.rope_base, scale_factor=self.rope_scale_factor, impl=self.impl)
+        q, k = apply_rope(q, positions, **rope), apply_rope(k, positions, **rope)
         q = q * jnp.asarray(self.query_pre_attn_scalar ** -0.5, q.dtype)
         return q, k, v
 
@@ -216,7 +216,8 @@ class FeedForward(nnx.Module):
         self.dtype, self.param_dtype, self.impl = dtype, param_dtype, check_impl(impl)
 
     def __call__(self, x):
-        return self.down(jax.nn.gelu(self.gate(x), approximate=True) * self.up(x))
+        gelu = ops(self.impl).isolated(lambda g: jax.nn.gelu(g, approximate=True), self.gate(x))
+        return self.down(gelu * self.up(x))
 
 
 class Block(nnx.Module):
