@@ -125,6 +125,14 @@ def cmd_demo(args):
     args.model = args.model or ("small" if on_gpu else "tiny")
     args.num_samples = args.num_samples or (16 if on_gpu else 4)
     args.max_new_tokens = args.max_new_tokens or (32 if on_gpu else 8)
+    need = args.prompt_len + args.max_new_tokens
+    if args.max_len < need:
+        raise CliError(f"--max-len {args.max_len} is too small: --prompt-len + --max-new-tokens "
+                       f"needs {need}")
+    from detjax.generate import MAX_LEN_LIMIT
+    if args.max_len > MAX_LEN_LIMIT:
+        raise CliError(f"--max-len {args.max_len} is too large (positions are int32: at most "
+                       f"{MAX_LEN_LIMIT})")
     rng = np.random.default_rng(args.seed)
     probe = _build_model(args, "detjax")
     vocab = probe.config.vocab_size

@@ -37,7 +37,11 @@ class GenerationResult:
         return len(self.tokens)
 
 
-def _check_int(name, v, lo=None, allow_none=False):
+#: Positions are int32 in the compiled program: no cache may be longer.
+MAX_LEN_LIMIT = 2**31 - 1
+
+
+def _check_int(name, v, lo=None, allow_none=False, hi=None):
     if v is None and allow_none:
         return None
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
@@ -45,6 +49,8 @@ def _check_int(name, v, lo=None, allow_none=False):
     v = int(v)
     if lo is not None and v < lo:
         raise ValueError(f"{name} must be >= {lo}; got {v}")
+    if hi is not None and v > hi:
+        raise ValueError(f"{name} must be <= {hi}; got {v}")
     return v
 
 
@@ -152,13 +158,13 @@ def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_k=None, top
       top_k: keep the ``top_k`` largest logits (``lax.top_k``, exact; ties by lower id).
       top_p: nucleus in (0, 1]: keep the smallest prefix of the sorted distribution (after
         temperature and top-k) whose probability reaches ``top_p`` (detjax fixed-order cumsum).
-      seed: int. Row ``i`` draws at step ``s`` with
+      seed: int in ``[-2**31, 2**32)``. Row ``i`` draws at step ``s`` with
         ``fold_in(fold_in(PRNGKey(seed), sequence_ids[i]), s)`` (gumbel-max), so its samples do not
         depend on the rest of the batch.
       stop_tokens: token ids ending a sequence (the stop token is included in the output).
       max_len: KV-cache length (default ``max(len(p)) + max_new_tokens`` rounded up to 64); the
         result does not depend on it.
-      sequence_ids: per-prompt ints for the random streams (default ``range(len(prompts))``).
+      sequence_ids: per-prompt ints in ``[0, 2**32)`` for the random streams (default ``range(len(prompts))``).
 
     Returns:
       ``GenerationResult(tokens, logprobs)``, one numpy array per prompt. ``logprobs[i][s]`` is
@@ -181,16 +187,19 @@ def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_k=None, top
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must lie in (0, 1]; got {top_p}")
         top_p = float(top_p)
-    seed = _check_int("seed", seed)
+    seed = _check_int("seed", seed, lo=-2**31, hi=2**32 - 1)
     if isinstance(stop_tokens, numbers.Integral):
         stop_tokens = (stop_tokens,)
     stop_tokens = tuple(_check_int(f"stop_tokens[{i}]", s, lo=0) for i, s in enumerate(stop_tokens))
     lens = np.asarray([len(x) for x in p], np.int32)
     need = int(lens.max()) + max_new_tokens
+    if need > MAX_LEN_LIMIT:
+        raise ValueError(f"max_new_tokens={max_new_tokens} is too large: the longest prompt plus "
+                         f"max_new_tokens must fit int32 positions (<= {MAX_LEN_LIMIT})")
     if max_len is None:
         max_len = -(-need // 64) * 64
     else:
-        max_len = _check_int("max_len", max_len, lo=1)
+        max_len = _check_int("max_len", max_len, lo=1, hi=MAX_LEN_LIMIT)
         if max_len < need:
             raise ValueError(f"max_len={max_len} is too small: the longest prompt "
                              f"({int(lens.max())}) plus max_new_tokens ({max_new_tokens}) needs {need}")
@@ -200,7 +209,7 @@ def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_k=None, top
         if len(sequence_ids) != len(p):
             raise ValueError(f"sequence_ids has {len(sequence_ids)} entries but there are {len(p)} "
                              "prompts")
-        seq_ids = np.asarray([_check_int(f"sequence_ids[{i}]", s, lo=0)
+        seq_ids = np.asarray([_check_int(f"sequence_ids[{i}]", s, lo=0, hi=2**32 - 1)
                               for i, s in enumerate(sequence_ids)], np.uint32).astype(np.int32)
     t = int(lens.max())
     tokens = np.zeros((len(p), t), np.int32)

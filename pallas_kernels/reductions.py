@@ -22,7 +22,8 @@ appends whole chunks of identities, which leaves every lane bit-identical (``a +
 
 Derived kernels use only these reductions plus elementwise float32 math:
 ``mean = sum / N`` (divided inside the kernel); ``logsumexp = m + log(sum(exp(x - m)))`` with ``m = max`` (``m`` replaced by 0
-when it is not finite, like ``jax.nn.logsumexp``); ``softmax = exp(x - m) * (1 / s)``;
+when it is not finite, like ``jax.nn.logsumexp``; softmax and log_softmax use the raw max, so a row
+holding +inf gives NaN, like ``jax.nn.softmax``); ``softmax = exp(x - m) * (1 / s)``;
 ``log_softmax = (x - m) - log(s)``; ``rms_norm = x * rsqrt(sum(x^2) / N + eps) * (offset + scale)``.
 Results are rounded once to the output dtype.
 
@@ -110,7 +111,9 @@ def _row_kernel(*refs, op, n, eps, offset, acc_dtype):
             plgpu.store(o_ref.at[idx], y.astype(o_ref.dtype), mask=mask)
         return
 
-    m = _safe_max(_lane_max(x_ref, n, acc_dtype))
+    m = _lane_max(x_ref, n, acc_dtype)
+    if op == "logsumexp":  # like jax.nn.logsumexp; softmax keeps the raw max (+inf -> NaN, IEEE)
+        m = _safe_max(m)
     s = _lane_sum(x_ref, n, acc_dtype, lambda v: jnp.exp(v - m))
     if op == "logsumexp":
         o_ref[...] = jnp.full(o_ref.shape, m + jnp.log(s), o_ref.dtype)
@@ -185,7 +188,9 @@ def row_reduce_reference(x, op, *, weight=None, eps=1e-6, offset=1.0, out_dtype=
         n = x.shape[1]
         r = lax.map(lambda ss: lax.rsqrt(ss / n + eps), _ref_sum(xf * xf))  # scalar, as in the kernel
         return ((xf * r[:, None]) * (offset + weight.astype(xf.dtype))).astype(out_dtype)
-    m = _safe_max(_ref_max(xf))[:, None]
+    m = _ref_max(xf)[:, None]
+    if op == "logsumexp":
+        m = _safe_max(m)
     s = _ref_sum(jnp.exp(xf - m))[:, None]
     if op == "logsumexp":
         return (m + jnp.log(s))[:, 0].astype(out_dtype)

@@ -320,7 +320,9 @@ def _tpu_row_kernel(*refs, op, n, n_chunks, eps, offset, interpret):
             o_ref[:, cs(j)] = ((v * r) * (offset + w)).astype(o_ref.dtype)
         return
 
-    m = _safe_max(_lane_max(x_ref, n_chunks, interpret))  # [rows, 1]
+    m = _lane_max(x_ref, n_chunks, interpret)  # [rows, 1]
+    if op == "logsumexp":  # softmax keeps the raw max (+inf -> NaN), as on the GPU
+        m = _safe_max(m)
     s = _lane_sum(x_ref, n_chunks, interpret, lambda v: jnp.exp(v - m))
     if op == "logsumexp":
         o_ref[...] = jnp.broadcast_to(m + jnp.log(s), o_ref.shape).astype(o_ref.dtype)

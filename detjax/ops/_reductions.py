@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -199,6 +200,7 @@ def min(x, axis=-1, keepdims=False, where=None, initial=None, *, backend=None):
 def _arg_best(x, axis, keepdims, backend, sign):
     x = check_array(x, "x")
     check_float_dtype(x, "x", backend)
+    flat_keepdims_shape = (1,) * x.ndim if (axis is None and keepdims) else None
     if axis is None:
         x, axis = x.reshape(-1), 0
     if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
@@ -214,7 +216,7 @@ def _arg_best(x, axis, keepdims, backend, sign):
     iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, ax)
     # First hit: an integer minimum, exact whatever the order.
     idx = jnp.min(jnp.where(hit, iota, x.shape[ax]), axis=ax, keepdims=keepdims)
-    return idx
+    return idx if flat_keepdims_shape is None else idx.reshape(flat_keepdims_shape)
 
 
 def argmax(x, axis=-1, keepdims=False, *, backend=None):
@@ -364,9 +366,9 @@ def rms_norm(x, scale, *, eps=1e-6, offset=1.0, backend=None):
     if scale.shape[0] != x.shape[-1]:
         raise ValueError(f"rms_norm: scale has shape {tuple(scale.shape)} but x's last axis has size "
                          f"{x.shape[-1]} (x shape {tuple(x.shape)})")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
+    if not isinstance(eps, numbers.Real) or isinstance(eps, (bool, np.bool_)) or not eps > 0:
         raise ValueError(f"rms_norm: eps must be a positive number; got {eps!r}")
-    if not isinstance(offset, (int, float)) or isinstance(offset, bool):
+    if not isinstance(offset, numbers.Real) or isinstance(offset, (bool, np.bool_)):
         raise TypeError(f"rms_norm: offset must be a number; got {offset!r}")
     if x.shape[-1] == 0 or x.size == 0:
         return x
