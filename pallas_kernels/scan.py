@@ -53,10 +53,10 @@ def _identity(op):
 def _combine(op, a, b):
     if op == "sum":
         return a + b
-    if op == "max":
-        return jnp.maximum(a, b)
-    if op == "min":
-        return jnp.minimum(a, b)
+    if op in ("max", "min"):
+        # NaN propagates explicitly: the GPU's max/min instructions drop NaN (IEEE maxNum).
+        m = jnp.maximum(a, b) if op == "max" else jnp.minimum(a, b)
+        return jnp.where((a != a) | (b != b), jnp.asarray(jnp.nan, m.dtype), m)
     return jnp.logaddexp(a, b)
 
 

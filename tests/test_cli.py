@@ -98,7 +98,7 @@ def test_check_file_path(tmp_path, capsys):
 
 
 def test_demo_json(capsys):
-    rc = main(["demo", "--num-samples", "2", "--max-new-tokens", "2", "--prompt-len", "4",
+    rc = main(["demo", "--model", "tiny", "--num-samples", "2", "--max-new-tokens", "2", "--prompt-len", "4",
                "--max-len", "16", "--json"])
     assert rc == 0
     rep = json.loads(capsys.readouterr().out)
