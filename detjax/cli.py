@@ -110,17 +110,24 @@ def _progress(items, label, quiet):
     return items
 
 
+def _use_backend(name):
+    """Validate ``--backend`` and make it the process default (DETJAX_BACKEND)."""
+    if name is None:
+        return
+    import os
+    import detjax
+    try:
+        detjax.chosen_backend(name)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    os.environ["DETJAX_BACKEND"] = name
+
+
 def cmd_demo(args):
     import jax
     import numpy as np
     import detjax
-    if args.backend is not None:
-        try:
-            detjax.chosen_backend(args.backend)
-        except ValueError as e:
-            raise CliError(str(e)) from None
-        import os
-        os.environ["DETJAX_BACKEND"] = args.backend
+    _use_backend(args.backend)
     on_gpu = jax.default_backend() == "gpu"
     args.model = args.model or ("small" if on_gpu else "tiny")
     args.num_samples = args.num_samples or (16 if on_gpu else 4)
@@ -251,14 +258,7 @@ def _random_args(shapes, dtype, seed, int_high):
 
 
 def cmd_check(args):
-    import os
-    if args.backend is not None:
-        import detjax
-        try:
-            detjax.chosen_backend(args.backend)
-        except ValueError as e:
-            raise CliError(str(e)) from None
-        os.environ["DETJAX_BACKEND"] = args.backend
+    _use_backend(args.backend)
     shapes = [_int_list(s, "--args-shape", lo=1) for spec in (args.args_shape or ["4,16"])
               for s in spec.split(";")]
     if len({s[0] for s in shapes}) != 1:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import secrets
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -59,3 +62,15 @@ def rng():
 
 def randn(rng, shape, dtype, scale=1.0):
     return jnp.asarray(rng.standard_normal(shape) * scale, dtype)
+
+
+def reliability_module():
+    """``scripts/reliability.py`` (fuzzing, stress, bad-input table), imported once per process."""
+    name = "detjax_reliability"
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "scripts" / "reliability.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

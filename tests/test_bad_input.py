@@ -7,18 +7,12 @@ The table lives in ``scripts/reliability.py`` (``BAD_INPUTS``), which also write
 known defect in a module owned elsewhere: they are ``xfail(strict=True)`` and flip when fixed.
 """
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "scripts" / "reliability.py"
-_spec = importlib.util.spec_from_file_location("detjax_reliability", _PATH)
-rel = sys.modules.get("detjax_reliability") or importlib.util.module_from_spec(_spec)
-if "detjax_reliability" not in sys.modules:
-    sys.modules["detjax_reliability"] = rel
-    _spec.loader.exec_module(rel)
+from conftest import reliability_module
+
+rel = reliability_module()
 
 
 def _params():

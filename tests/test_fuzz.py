@@ -6,20 +6,14 @@ neighbours, ``jax.vmap`` (all bitwise) and accuracy against float64. Zero mismat
 The configuration pool seed is random (``DETJAX_TEST_SEED`` fixes it) and printed on failure.
 """
 
-import importlib.util
 import os
 import secrets
-import sys
-from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "scripts" / "reliability.py"
-_spec = importlib.util.spec_from_file_location("detjax_reliability", _PATH)
-rel = sys.modules.get("detjax_reliability") or importlib.util.module_from_spec(_spec)
-if "detjax_reliability" not in sys.modules:
-    sys.modules["detjax_reliability"] = rel
-    _spec.loader.exec_module(rel)
+from conftest import reliability_module
+
+rel = reliability_module()
 
 SEED = int(os.environ.get("DETJAX_TEST_SEED", secrets.randbits(31)))
 

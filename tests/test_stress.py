@@ -2,16 +2,9 @@
 shuffled batches, serially and from several threads at once, give exactly one output hash. The full
 runs (10,000 forwards, 1,000 generations, 8 threads) are ``scripts/reliability.py --profile long``."""
 
-import importlib.util
-import sys
-from pathlib import Path
+from conftest import reliability_module
 
-_PATH = Path(__file__).resolve().parents[1] / "scripts" / "reliability.py"
-_spec = importlib.util.spec_from_file_location("detjax_reliability", _PATH)
-rel = sys.modules.get("detjax_reliability") or importlib.util.module_from_spec(_spec)
-if "detjax_reliability" not in sys.modules:
-    sys.modules["detjax_reliability"] = rel
-    _spec.loader.exec_module(rel)
+rel = reliability_module()
 
 
 def test_stress_one_hash():
