@@ -19,6 +19,14 @@ head) pairs are packed as row ``r = t * G + g`` (``pack_rows``), padded to a mul
 
 Rows with an empty interval (padding rows, a query before every valid key) produce exactly 0.
 
+Non-finite inputs follow IEEE arithmetic *restricted to the row's interval*: a NaN logit at a valid
+key makes the row NaN; a NaN/inf value at a valid key gives NaN/inf in that output column; keys
+outside the interval (future keys, outside the window, past the length) never touch the row, not
+even as ``0 * NaN`` inside the ``p @ v`` dot (``_pv``: blocks whose ``v`` is not all finite are
+re-done with the non-finite values zeroed and counted exactly per row). So decode, which never
+reads keys past its length, agrees with prefill also for non-finite caches. (A valid key whose
+``p`` underflowed to exactly 0 still propagates its NaN/inf.)
+
 Reduction order (the product; see also ``pallas_kernels/order.py``)
 -------------------------------------------------------------------
 * KV blocks lie on an absolute grid: block ``j`` = keys ``[j * 64, (j + 1) * 64)``
@@ -250,17 +258,66 @@ def _logits(q, k, kidx, lo, hi, cfg: AttnConfig):
     return jnp.where(valid, s, -jnp.inf), valid
 
 
+def _nan_max(a, b):
+    """``maximum`` that propagates NaN on every backend (GPU ``max`` may drop it)."""
+    return jnp.where((a != a) | (b != b), jnp.nan, jnp.maximum(a, b))
+
+
+# Non-finite values are counted with one exact dot: every value gets a code (NaN 1, +inf 128,
+# -inf 16384, finite 0; powers of two, exact in bf16/f16), ``valid @ code`` sums them per row in f32
+# (at most 64 keys: exact below 2**24), and the counts are read back by integer division.
+_NAN_CODE, _PINF_CODE, _NINF_CODE = 1.0, 128.0, 16384.0
+
+
+def _pv(p, v, valid):
+    """``p @ v`` where keys outside a row's interval never contribute, even as ``0 * NaN``.
+
+    All-finite ``v`` (the normal case) takes the plain dot. Otherwise the dot runs on ``v`` with its
+    non-finite entries zeroed, and each (row, column) whose *valid* keys hold a non-finite value
+    gets the IEEE result of adding them: NaN for a NaN or for both infinities, else the infinity.
+    (A valid key whose ``p`` underflowed to 0 still counts: documented in the module header.)
+    """
+    prec = _precision(v.dtype)
+    finite = jnp.abs(v) < jnp.inf   # False for NaN and +-inf
+
+    def plain(_):
+        return _dot_nn(p.astype(v.dtype), v, prec)
+
+    def guarded(_):
+        v_fin = jnp.where(finite, v, jnp.zeros_like(v))
+        pv = _dot_nn(p.astype(v.dtype), v_fin, prec)
+        code = jnp.where(v != v, _NAN_CODE,
+                         jnp.where(v == jnp.inf, _PINF_CODE,
+                                   jnp.where(v == -jnp.inf, _NINF_CODE, 0.0))).astype(v.dtype)
+        cnt = _dot_nn(valid.astype(v.dtype), code, prec)        # exact small integers in f32
+        n_ninf = jnp.floor(cnt / _NINF_CODE)
+        rest = cnt - n_ninf * _NINF_CODE
+        n_pinf = jnp.floor(rest / _PINF_CODE)
+        n_nan = rest - n_pinf * _PINF_CODE
+        out = jnp.where(n_pinf > 0, jnp.inf, pv)
+        out = jnp.where(n_ninf > 0, -jnp.inf, out)
+        return jnp.where((n_nan > 0) | ((n_pinf > 0) & (n_ninf > 0)), jnp.nan, out)
+
+    all_finite = jnp.min(finite.astype(jnp.int32)) > 0
+    return lax.cond(all_finite, plain, guarded, 0)
+
+
 def _block_step(state, s, valid, v):
-    """Fold one KV block into a row state. Rows with no valid key keep their state bitwise."""
+    """Fold one KV block into a row state. Rows with no valid key keep their state bitwise.
+
+    A NaN logit at a valid key makes the row's state NaN (so the output is NaN, as in IEEE
+    arithmetic); it is detected explicitly because GPU ``max`` reductions drop NaN.
+    """
     m, l, acc = state
-    m_blk = jnp.max(s, axis=-1)
-    any_valid = m_blk > -jnp.inf
-    m_new = jnp.maximum(m, m_blk)
-    m_use = jnp.where(any_valid, m_new, 0.0)  # finite wherever it is used
+    row_nan = jnp.max(jnp.where(s != s, 1, 0), axis=-1) > 0   # s is -inf outside the interval
+    m_blk = jnp.where(row_nan, jnp.nan, jnp.max(jnp.where(s != s, -jnp.inf, s), axis=-1))
+    any_valid = (m_blk > -jnp.inf) | row_nan
+    m_new = _nan_max(m, m_blk)
+    m_use = jnp.where(any_valid, m_new, 0.0)  # finite wherever it is used (or NaN: NaN row)
     p = jnp.where(valid, jnp.exp(s - m_use[..., None]), 0.0)
     alpha = jnp.where(m == -jnp.inf, 0.0, jnp.exp(m - m_use))
     l_new = alpha * l + jnp.sum(p, axis=-1)
-    pv = _dot_nn(p.astype(v.dtype), v, _precision(v.dtype))
+    pv = _pv(p, v, jnp.broadcast_to(valid, p.shape))
     acc_new = acc * alpha[..., None] + pv
     return (jnp.where(any_valid, m_new, m), jnp.where(any_valid, l_new, l),
             jnp.where(any_valid[..., None], acc_new, acc))
@@ -273,7 +330,7 @@ def _merge_states(total, part):
     t_empty = m == -jnp.inf
     c_empty = mc == -jnp.inf
     both = jnp.logical_not(t_empty | c_empty)
-    m_new = jnp.maximum(m, mc)
+    m_new = _nan_max(m, mc)
     m_use = jnp.where(both, m_new, 0.0)
     a = jnp.where(both, jnp.exp(jnp.where(both, m, 0.0) - m_use), 0.0)
     b = jnp.where(both, jnp.exp(jnp.where(both, mc, 0.0) - m_use), 0.0)

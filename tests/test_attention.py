@@ -251,6 +251,36 @@ def test_empty_rows_are_zero_and_garbage_does_not_leak():
     assert np.all(np.any(dec[1, 2:] != 0, axis=-1)) and not np.any(np.isnan(dec))
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_non_finite_inputs_follow_ieee_within_the_row_interval(dtype):
+    """NaN/inf only reach the rows whose interval holds them; decode = prefill still holds."""
+    t, s, n, kh, h = 70, 70, 2, 1, 64          # 70 keys: two 64-key blocks
+    q, k, v = qkv(820, 1, t, s, n, kh, h, dtype)
+    # a NaN value at key 5, +inf in column 3 of key 66 and -inf/+inf in column 7 of keys 67/68
+    vb = v.at[0, 5, 0, 0].set(jnp.nan).at[0, 66, 0, 3].set(jnp.inf)
+    vb = vb.at[0, 67, 0, 7].set(-jnp.inf).at[0, 68, 0, 7].set(jnp.inf)
+    out = np.asarray(attention(q, k, vb), np.float32)
+    clean = np.asarray(attention(q, k, v), np.float32)
+    # queries before key 5 never see it: bitwise the clean result
+    assert_bits_equal(out[:, :5], clean[:, :5], "rows before the NaN value")
+    assert np.all(np.isnan(out[0, 5:, :, 0]))                     # column 0 from query 5 on
+    assert np.all(np.isfinite(out[0, 5:66, :, 1:]))               # other columns untouched
+    assert np.all(out[0, 66, :, 3] == np.inf)                     # +inf alone: +inf
+    assert np.all(np.isnan(out[0, 68:, :, 7]))                    # +inf and -inf: NaN
+    assert np.all(out[0, 67, :, 7] == -np.inf)
+    # decode at every length reproduces prefill, though it reads only keys < length
+    for length in (1, 5, 6, 64, 66, 67, 69, 70):
+        dec = decode_attention(q[:, length - 1:length], k, vb, jnp.array([length]))
+        assert_bits_equal(dec[:, 0], np.asarray(attention(q, k, vb))[:, length - 1].astype(
+            np.asarray(dec).dtype), f"decode = prefill at length {length}")
+    # a NaN query (logits NaN for every key) makes that row and head NaN, nothing else
+    qn = q.at[0, 10, 1, 0].set(jnp.nan)
+    outq = np.array(attention(qn, k, v), np.float32)
+    assert np.all(np.isnan(outq[0, 10, 1])) and np.all(np.isfinite(outq[0, 10, 0]))
+    outq[0, 10, 1] = clean[0, 10, 1]
+    assert_bits_equal(outq, clean, "rows other than the NaN query")
+
+
 # ------------------------------------------------------------------------------------------------
 # Gradients
 
