@@ -32,6 +32,7 @@ def device_ms(f, *args, iters=20):
     """Median device time (ms) of the jitted f(*args); falls back to host timing off-GPU."""
     f = jax.jit(f)
     jax.block_until_ready(f(*args))  # compile + warm-up
+    jax.block_until_ready(f(*args))  # a first-ever trace can register config state and retrace once
     if jax.default_backend() == "gpu":
         from jax.experimental.mosaic.gpu import profiler
         _, times = profiler.measure(f, iterations=iters)(*args)

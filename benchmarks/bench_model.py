@@ -1,7 +1,11 @@
 """End-to-end model benchmark: the same Gemma-style modules on detjax kernels and on plain XLA.
 
 Usage: ``python benchmarks/bench_model.py [--model gemma2_2b] [--batches 1,8,64] [--prompt 512]
-[--new-tokens 256] [--json OUT]``
+[--new-tokens 256] [--json OUT] [--transform]``
+
+``--transform`` times only the forward pass of three versions of the same model: the modules on plain
+XLA, ``detjax.deterministic`` applied to that plain-XLA forward (the jaxpr transform, untouched
+model code), and the modules built on ``detjax.nn`` kernels.
 
 Forward: device-side time (CUPTI via ``profiler.measure`` on a GPU) of one jitted forward pass over
 ``[batch, prompt]`` tokens, median of ``--iters``. Generation: wall-clock time of a second call of
@@ -70,6 +74,28 @@ def run(model_name, batches, prompt, new_tokens, iters):
     return rows
 
 
+def run_transform(model_name, batches, prompt, iters):
+    from detjax.transform import deterministic
+    config = getattr(GemmaConfig, model_name)()
+    rows = []
+    fx, sx = forward_fn(Transformer(config, rngs=nnx.Rngs(0), impl="xla"))
+    fd, sd = forward_fn(Transformer(config, rngs=nnx.Rngs(0), impl="detjax"))
+    ft = deterministic(fx)
+    rng = np.random.default_rng(0)
+    for b in batches:
+        tokens = jnp.asarray(rng.integers(1, config.vocab_size, size=(b, prompt)), jnp.int32)
+        t_x = device_ms(fx, sx, tokens, iters=iters)
+        t_t = device_ms(ft, sx, tokens, iters=iters)
+        t_d = device_ms(fd, sd, tokens, iters=iters)
+        rows.append(dict(model=model_name, batch=b, prompt=prompt, fwd_xla_ms=t_x,
+                         fwd_transform_ms=t_t, fwd_nn_ms=t_d, transform_vs_nn=t_t / t_d,
+                         xla_over_transform=t_x / t_t))
+        print(f"{model_name} B={b:3d} forward xla {t_x:8.2f} ms  deterministic(xla model) {t_t:8.2f} ms  "
+              f"detjax.nn {t_d:8.2f} ms  transform/nn {t_t / t_d:5.3f}  ratio vs XLA {t_x / t_t:5.2f}",
+              flush=True)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", default="gemma2_2b")
@@ -78,8 +104,12 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--json", default=None)
+    p.add_argument("--transform", action="store_true", help="forward only: XLA vs deterministic(XLA) vs nn")
     args = p.parse_args(argv)
-    rows = run(args.model, [int(b) for b in args.batches.split(",")], args.prompt,
+    if args.transform:
+        rows = run_transform(args.model, [int(b) for b in args.batches.split(",")], args.prompt, args.iters)
+    else:
+        rows = run(args.model, [int(b) for b in args.batches.split(",")], args.prompt,
                args.new_tokens, args.iters)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(device=jax.devices()[0].device_kind,

@@ -46,6 +46,14 @@ from pallas_kernels.order import REDUCE_CHUNK
 OPS = ("sum", "mean", "max", "logsumexp", "softmax", "log_softmax", "rms_norm")
 
 
+# On the GPU a row of at most RESIDENT_MAX_CHUNKS chunks is read from memory once and kept in
+# registers for every pass (max, sum, write): the passes run the very same per-lane operations in
+# the same ascending chunk order as the loop, only unrolled, so the bits are the same
+# (tests/test_reductions.py::test_gpu_resident_rows_bitwise_equal_to_loop checks it on the GPU).
+# Interpret mode always loops (see backend.opaque_trip_count).
+RESIDENT_MAX_CHUNKS = 8
+
+
 def _load(ref, j, n, other):
     from jax.experimental.pallas import triton as plgpu
     idx = j * REDUCE_CHUNK + jnp.arange(REDUCE_CHUNK)
@@ -57,24 +65,34 @@ def _chunks(n):
     return _backend.opaque_trip_count(pl.cdiv(n, REDUCE_CHUNK))
 
 
-def _lane_sum(ref, n, acc_dtype, fn=lambda v: v):
+def _fold(ref, n, resident, body, init):
+    """``body((v, idx, mask), carry)`` over the row's chunks in ascending order."""
+    if resident is not None:
+        carry = init
+        for chunk in resident:
+            carry = body(chunk, carry)
+        return carry
+    return lax.fori_loop(0, _chunks(n), lambda j, c: body(_load(ref, j, n, 0), c), init)
+
+
+def _lane_sum(ref, n, acc_dtype, fn=lambda v: v, resident=None):
     """Fixed-order sum of fn(x) over a row: ascending chunks into C lanes, then one [C] tree."""
-    def body(j, acc):
-        v, _, mask = _load(ref, j, n, 0)
+    def body(chunk, acc):
+        v, _, mask = chunk
         return acc + jnp.where(mask, fn(v.astype(acc_dtype)), 0)
-    lanes = lax.fori_loop(0, _chunks(n), body, jnp.zeros((REDUCE_CHUNK,), acc_dtype))
+    lanes = _fold(ref, n, resident, body, jnp.zeros((REDUCE_CHUNK,), acc_dtype))
     return jnp.sum(lanes)
 
 
-def _lane_max(ref, n, acc_dtype):
+def _lane_max(ref, n, acc_dtype, resident=None):
     """Exact max; NaN is counted separately because the GPU's max instruction drops NaN."""
-    def body(j, carry):
+    def body(chunk, carry):
         acc, nans = carry
-        v, _, mask = _load(ref, j, n, 0)
+        v, _, mask = chunk
         v = jnp.where(mask, v.astype(acc_dtype), -jnp.inf)
         return jnp.maximum(acc, v), nans + jnp.where(v != v, 1.0, 0.0).astype(acc_dtype)
     init = (jnp.full((REDUCE_CHUNK,), -jnp.inf, acc_dtype), jnp.zeros((REDUCE_CHUNK,), acc_dtype))
-    lanes, nans = lax.fori_loop(0, _chunks(n), body, init)
+    lanes, nans = _fold(ref, n, resident, body, init)
     return jnp.where(jnp.sum(nans) > 0, jnp.nan, jnp.max(lanes)).astype(acc_dtype)
 
 
@@ -82,60 +100,73 @@ def _safe_max(m):
     return jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
 
 
-def _row_kernel(*refs, op, n, eps, offset, acc_dtype):
+def _row_kernel(*refs, op, n, eps, offset, acc_dtype, resident):
     from jax.experimental.pallas import triton as plgpu
     if op == "rms_norm":
         x_ref, w_ref, o_ref = refs
     else:
         x_ref, o_ref = refs
     n_static = n
+    chunks = [_load(x_ref, j, n, 0) for j in range(pl.cdiv(n, REDUCE_CHUNK))] if resident else None
+
+    def for_each_chunk(fn):
+        if chunks is not None:
+            for chunk in chunks:
+                fn(chunk)
+            return
+
+        @pl.loop(0, _chunks(n))
+        def _(j):
+            fn(_load(x_ref, j, n, 0))
 
     if op in ("sum", "mean"):
-        total = _lane_sum(x_ref, n, acc_dtype)
+        total = _lane_sum(x_ref, n, acc_dtype, resident=chunks)
         if op == "mean":
             total = total / n_static
         o_ref[...] = jnp.full(o_ref.shape, total, o_ref.dtype)
         return
     if op == "max":
-        o_ref[...] = jnp.full(o_ref.shape, _lane_max(x_ref, n, acc_dtype), o_ref.dtype)
+        o_ref[...] = jnp.full(o_ref.shape, _lane_max(x_ref, n, acc_dtype, resident=chunks), o_ref.dtype)
         return
     if op == "rms_norm":
-        ss = _lane_sum(x_ref, n, acc_dtype, lambda v: v * v)
+        ss = _lane_sum(x_ref, n, acc_dtype, lambda v: v * v, resident=chunks)
         r = lax.rsqrt(ss / n_static + eps)
 
-        @pl.loop(0, _chunks(n))
-        def _(j):
-            v, idx, mask = _load(x_ref, j, n, 0)
+        def write_rms(chunk):
+            v, idx, mask = chunk
             w = plgpu.load(w_ref.at[idx], mask=mask, other=0)
             y = (v.astype(acc_dtype) * r) * (offset + w.astype(acc_dtype))
             plgpu.store(o_ref.at[idx], y.astype(o_ref.dtype), mask=mask)
+        for_each_chunk(write_rms)
         return
 
-    m = _lane_max(x_ref, n, acc_dtype)
+    m = _lane_max(x_ref, n, acc_dtype, resident=chunks)
     if op == "logsumexp":  # like jax.nn.logsumexp; softmax keeps the raw max (+inf -> NaN, IEEE)
         m = _safe_max(m)
-    s = _lane_sum(x_ref, n, acc_dtype, lambda v: jnp.exp(v - m))
+    s = _lane_sum(x_ref, n, acc_dtype, lambda v: jnp.exp(v - m), resident=chunks)
     if op == "logsumexp":
         o_ref[...] = jnp.full(o_ref.shape, m + jnp.log(s), o_ref.dtype)
         return
     log_s = jnp.log(s)
     inv_s = 1 / s  # a multiply per element: XLA's CPU compiler was seen rewriting a divide by shape
 
-    @pl.loop(0, _chunks(n))
-    def _(j):
-        v, idx, mask = _load(x_ref, j, n, 0)
+    def write_soft(chunk):
+        v, idx, mask = chunk
         v = v.astype(acc_dtype)
         y = jnp.exp(v - m) * inv_s if op == "softmax" else (v - m) - log_s
         plgpu.store(o_ref.at[idx], y.astype(o_ref.dtype), mask=mask)
+    for_each_chunk(write_soft)
 
 
 def row_reduce(x, op: str, *, weight=None, eps: float = 1e-6, offset: float = 1.0,
-               out_dtype=None, backend=None):
+               out_dtype=None, backend=None, resident=None):
     """Run a fixed-order row kernel on ``x: [R, N]``.
 
     ``op`` in ``OPS``. ``sum``/``mean``/``max``/``logsumexp`` return ``[R]``; ``softmax``/``log_softmax``/
     ``rms_norm`` return ``[R, N]``. ``weight`` (``[N]``) is RMSNorm's scale. ``out_dtype`` defaults to
-    ``x.dtype``. Inputs must already be validated by ``detjax.ops``.
+    ``x.dtype``. Inputs must already be validated by ``detjax.ops``. ``resident``: GPU only, keep
+    the row in registers (default: when it has at most ``RESIDENT_MAX_CHUNKS`` chunks); the bits
+    are the same either way.
     """
     if op not in OPS:
         raise ValueError(f"op={op!r} is not one of {OPS}")
@@ -145,8 +176,12 @@ def row_reduce(x, op: str, *, weight=None, eps: float = 1e-6, offset: float = 1.
         return tpu.row_reduce(x, op, weight=weight, eps=eps, offset=offset, out_dtype=out_dtype,
                               backend=be)
     out_dtype = jnp.dtype(out_dtype or x.dtype)
+    if be != "gpu":
+        resident = False
+    elif resident is None:
+        resident = pl.cdiv(x.shape[1], REDUCE_CHUNK) <= RESIDENT_MAX_CHUNKS
     kernel = functools.partial(_row_kernel, op=op, n=x.shape[1], eps=eps, offset=offset,
-                               acc_dtype=acc_dtype_for(x.dtype))
+                               acc_dtype=acc_dtype_for(x.dtype), resident=bool(resident))
     return call_row_kernel(kernel, x, name=f"detjax_row_{op}", out_dtype=out_dtype,
                            elementwise=op in ("softmax", "log_softmax", "rms_norm"), backend=be,
                            shared=(weight,) if op == "rms_norm" else ())

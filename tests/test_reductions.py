@@ -185,3 +185,18 @@ def test_property_row_alone_equals_row_in_batch(r, n, dtype, name, seed):
 def test_bad_input_errors(call, exc, words):
     with pytest.raises(exc, match=words):
         call()
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the register-resident row path exists on the GPU only")
+@pytest.mark.parametrize("n", [1, 7, 1000, 1024, 1025, 4096, 5000, 8192])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_gpu_resident_rows_bitwise_equal_to_loop(rng, n, dtype):
+    """Rows kept in registers (read once) run the loop's per-lane operations: the same bits."""
+    x = randn(rng, (5, n), dtype) * 3
+    x = x.at[2, n // 2].set(jnp.nan) if n > 1 else x
+    w = randn(rng, (n,), dtype)
+    for op in red.OPS:
+        kw = dict(weight=w) if op == "rms_norm" else {}
+        loop = red.row_reduce(x, op, resident=False, **kw)
+        kept = red.row_reduce(x, op, resident=True, **kw)
+        assert_bitwise_equal(kept, loop, f"{op} n={n}")
