@@ -67,7 +67,9 @@ class TileConfig:
 GPU_CONFIGS = {
     "small": TileConfig(16, 32, 128, 2, 4),
     "small_wide": TileConfig(16, 64, 128, 4, 4),
+    "small_deep": TileConfig(16, 32, 256, 4, 4),
     "medium": TileConfig(64, 64, 64, 4, 4),
+    "medium_deep": TileConfig(64, 64, 128, 4, 4),
     "medium_wide": TileConfig(64, 128, 64, 4, 3),
     "large": TileConfig(128, 128, 64, 8, 3),
     "large_wide": TileConfig(128, 256, 64, 8, 3),
@@ -76,9 +78,12 @@ GPU_CONFIGS = {
 
 
 def gpu_config_for(m: int, n: int) -> TileConfig:
-    # Chosen from the H100 sweep (results/2026-11-22-h100/run4_matmul_sweep.json).
+    # Chosen from the H100 sweeps (results/2026-11-22-h100/run4_matmul_sweep.json, then
+    # results/2026-11-22-h100/s2_sweep.txt: M=16 0.69x -> 0.79x XLA, M=128 0.76x -> 0.97x).
     if m <= 16:
-        return GPU_CONFIGS["small_wide"]
+        return GPU_CONFIGS["small_deep"]
+    if m <= 128:
+        return GPU_CONFIGS["medium_deep"]
     if m <= 256:
         return GPU_CONFIGS["medium"]
     return GPU_CONFIGS["large_wide"]
