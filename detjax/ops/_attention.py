@@ -2,7 +2,9 @@
 
 Both run the kernels of ``pallas_kernels/attention.py`` with one reduction order (documented there),
 so for the same query row, position and valid keys, ``attention`` and ``decode_attention`` return
-the same bits, whatever the batch, the other rows, the cache's ``max_len`` or the chunking.
+the same bits, whatever the batch, the other rows, the cache's ``max_len`` or the chunking. On the
+``'tpu'`` / ``'tpu-interpret'`` backends both run ``pallas_kernels/tpu_attention.py`` instead (its
+own documented order, 128-key blocks; decode runs the prefill kernel), with the same guarantees.
 
 Semantics (layout ``[batch, seq, heads, head_dim]``, like ``jax.nn.dot_product_attention``):
 
@@ -147,6 +149,10 @@ _core.defvjp(_core_fwd, _core_bwd)
 
 @functools.partial(jax.jit, static_argnames=("cfg", "causal", "sliding_window", "decode"))
 def _run(q, k, v, q_positions, kv_lengths, *, cfg, causal, sliding_window, decode):
+    if cfg.backend in ("tpu", "tpu-interpret"):  # Mosaic TPU kernels; decode runs the prefill kernel
+        from pallas_kernels import tpu_attention
+        return tpu_attention.attention(q, k, v, q_positions, kv_lengths, cfg=cfg, causal=causal,
+                                       sliding_window=sliding_window)
     b, t, n, h = q.shape
     qp, kp, vp, lo, hi, kvl = _k.prepare(q, k, v, q_positions, kv_lengths, causal=causal,
                                          sliding_window=sliding_window)
