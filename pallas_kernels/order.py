@@ -42,7 +42,17 @@ not the GPU's tile shapes, so its bits differ from the GPU's and the CPU interpr
   rows per program, rows never interact); the final tree is three explicit halvings
   (1024 -> 512 -> 256 -> 128 lanes, ``acc[:, :w/2] + acc[:, w/2:]``) followed by the backend's
   cross-lane reduce of 128 lanes.
-* Attention: not lowered yet.
+* Attention (``pallas_kernels/tpu_attention.py``): the GPU order with
+  ``tpu_attention.TPU_ATTN_BLOCK_K`` (= 128) keys per KV block instead of ``ATTN_BLOCK_K`` (64: the
+  key axis of the score tile is the lane axis, and 128 keys fill one vreg). Blocks ``[j * 128, (j + 1) * 128)`` anchored at key 0 are
+  the last, sequential grid axis, visited in ascending ``j`` (blocks outside a q block's intervals
+  skipped); splits are still ``ATTN_SPLIT_K`` keys anchored at 0 (8 blocks), each from the empty
+  state, merged into the total in ascending order by the same guarded rule; rows are the GPU's
+  ``ATTN_BLOCK_Q`` packed (token, query head) rows. The row statistics are kept lane-replicated
+  (``[64, 128]``); the per-block max/sum reduce the 128 lanes of a vreg row. Decode runs the prefill
+  kernel itself (no split-parallel programs + merge kernel: TPU grid steps run in sequence on a
+  TensorCore), so decode = prefill by construction. Head dims are zero-padded to a multiple of 128;
+  f16 runs as f32 (exact conversion; ``p`` is not rounded to f16 before ``p @ v``).
 """
 
 KERNELS_VERSION = "1"

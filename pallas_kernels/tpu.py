@@ -3,7 +3,8 @@
 The entry points have the signatures of the GPU/interpret ones, so a caller only switches on the
 resolved backend: ``matmul_kernel_call`` (``pallas_kernels/matmul.py``) and ``row_reduce``
 (``pallas_kernels/reductions.py``). ``'tpu-interpret'`` runs exactly these kernel bodies in Pallas'
-TPU interpret mode (simulated VMEM, race detection on).
+TPU interpret mode (simulated VMEM, race detection on). Attention's TPU kernels are in
+``pallas_kernels/tpu_attention.py``.
 
 TPU reduction order (see also ``pallas_kernels/order.py``)
 -----------------------------------------------------------
