@@ -5,8 +5,14 @@ decode = prefill bitwise for the same query token by construction; the backward 
 is two more kernels (dQ, then dK/dV). ``detjax.ops.attention`` / ``decode_attention`` dispatch here
 when the resolved backend is ``'tpu'`` or ``'tpu-interpret'``. Semantics (masks, positions,
 ``kv_lengths``, GQA/MQA, soft cap, empty rows = 0, garbage beyond the length never read into a
-result) are those of ``pallas_kernels/attention.py``, whose row packing (``pack_rows``) and key
-intervals (``row_bounds``) are reused unchanged.
+result, non-finite values following IEEE arithmetic only within a row's key interval: a NaN logit
+makes the row NaN, a masked NaN/inf value reaches no row, also not as ``0 * NaN`` in ``p @ v``) are
+those of ``pallas_kernels/attention.py``, whose row packing (``pack_rows``) and key intervals
+(``row_bounds``) are reused unchanged. ``attention_reference`` is a plain-JAX version of this
+file's order; on the CPU it reproduces the ``'tpu-interpret'`` bits.
+
+Status: verified in TPU interpret mode (race detection on) and lowered to Mosaic on the CPU; not
+compiled or run on a real TPU (Mosaic's layout passes run in libtpu).
 
 Reduction order (see also ``pallas_kernels/order.py``)
 ------------------------------------------------------
@@ -27,7 +33,9 @@ The GPU order, with a 128-key KV block instead of 64:
   ``l`` kept lane-replicated as ``[64, 128]`` tiles (every lane holds the same value) instead of
   ``[64]`` vectors. ``s = (q . k) * scale`` is one MXU dot of a fixed ``[64, Hp] x [Hp, 128]`` tile
   (f32 accumulation, ``Precision.HIGHEST`` for f32), then ``cap * tanh(s / cap)``; ``p @ v`` is one
-  ``[64, 128] x [128, Hp]`` dot with ``p`` cast to ``v``'s dtype (bf16).
+  ``[64, 128] x [128, Hp]`` dot with ``p`` cast to ``v``'s dtype (bf16 stays bf16; f32 at
+  ``HIGHEST``). A ``v`` block holding a NaN/inf takes ``_pv``'s exact guarded path (as on the GPU;
+  its count codes use base 256 for the 128-key block).
 * The per-row ``max``/``sum`` over a block reduce exactly the 128 lanes of one vreg row (Mosaic's
   cross-lane reduce; XLA's CPU reduce of ``[64, 128]`` in interpret mode).
 
@@ -41,12 +49,16 @@ Where this differs from the GPU order, and why:
   run sequentially on a TensorCore, so it runs the prefill kernel itself; the splits are merged at
   the same boundaries in the same order. Decode = prefill therefore holds trivially.
 * Head dims are zero-padded to a multiple of 128 (lane width) instead of a power of two >= 16;
-  keys to a multiple of 128. Zero columns and masked keys contribute exact zeros.
+  keys to a multiple of 128. Zero columns and masked keys contribute exact zeros. The padding is a
+  copy of k/v, so on a TPU a cache whose head dim and ``max_len`` are multiples of 128 avoids one
+  per decode call.
 * float16 inputs are converted to float32 in the wrapper (exact; Mosaic's f16 support varies by
   chip), so f16 runs the f32 arithmetic and ``p`` is not rounded to f16 before ``p @ v``; the output
   is rounded once to f16.
 * KV blocks stream through VMEM (one ``[128, Hp]`` block of k and of v per grid step, double
-  buffered), so the cache length is not limited by VMEM.
+  buffered), so the cache length is not limited by VMEM. The per-row key intervals travel as
+  lane-replicated ``[rows, 128]`` int32 tiles (like the segment ids of JAX's TPU flash attention):
+  1 KiB per row of HBM, read once per q block.
 
 So TPU attention bits differ from GPU and CPU-interpret bits (as for matmul and rows); ``'tpu'``
 and ``'tpu-interpret'`` share the order but not necessarily the bits (MXU vs XLA's CPU dot).
