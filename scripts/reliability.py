@@ -698,6 +698,32 @@ def cfg_deterministic(rng, dtype, p):
                   lambda b, c: fn64(to64(b[0]), to64(c[0])), tol)
 
 
+ISO_FUNCS = {"tanh": (jnp.tanh, np.tanh), "exp": (jnp.exp, np.exp), "sin": (jnp.sin, np.sin),
+             "gelu": (lambda v: jax.nn.gelu(v, approximate=True),
+                      lambda v: 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v ** 3))))}
+
+
+def cfg_isolated(rng, dtype, p):
+    """``isolated(fn, .)`` between two detjax matmuls: the case where XLA's fusion changed bits."""
+    d, B = p["dims"], int(rng.choice(p["batch"]))
+    name = list(ISO_FUNCS)[int(rng.integers(len(ISO_FUNCS)))]
+    fn, fn64 = ISO_FUNCS[name]
+    D, E = _shape(rng, d, 2, p["max_elems"] * 4)
+
+    def f(x, w):
+        return ops.matmul(ops.isolated(fn, ops.matmul(x, w)), w.T)
+
+    def gen(r):
+        return [_randn(r, (B, D), dtype)], [_randn(r, (D, E), dtype, 1 / math.sqrt(D))]
+
+    def ref(b, c):
+        x, w = to64(b[0]), to64(c[0])
+        return fn64(x @ w) @ w.T
+
+    return Config("isolated", f"matmul(isolated({name}, x@w), w.T) x{(B, D)} w{(D, E)}", dtype, B,
+                  f, f, gen, ref, TOL["deterministic"][dtype])
+
+
 OPS: dict[str, Callable] = {
     "matmul": cfg_matmul, "dot_general": cfg_dot_general, "einsum": cfg_einsum,
     **{n: cfg_reduce(n) for n in ("sum", "mean", "max", "min", "logsumexp")},
@@ -706,7 +732,7 @@ OPS: dict[str, Callable] = {
     "rms_norm": cfg_rms_norm,
     **{n: cfg_scan(n) for n in ("cumsum", "cumlogsumexp", "cummax", "cummin")},
     "attention": cfg_attention, "decode_attention": cfg_decode_attention,
-    "deterministic": cfg_deterministic,
+    "deterministic": cfg_deterministic, "isolated": cfg_isolated,
 }
 #: Public ops with no fuzz configuration yet (reported in fuzz.md / fuzz.json, not fatal).
 UNCOVERED = sorted(set(ops.__all__) - set(OPS))
@@ -1454,6 +1480,13 @@ def _build_bad_inputs():
                 defect=None)
     # ---- rms_norm
     s4 = _x((4,))
+    add("isolated", "fn not callable", lambda: ops.isolated(3, x), (TE, r"fn must be a callable"))
+    add("isolated", "no array arguments", lambda: ops.isolated(jnp.tanh), (TE, r"array arguments"))
+    add("isolated", "NaN and +-inf", lambda: ops.isolated(jnp.tanh, _arr([jnp.nan, jnp.inf, -jnp.inf])),
+        returns=lambda r: bool(np.isnan(r[0])) and float(r[1]) == 1.0 and float(r[2]) == -1.0,
+        expected="IEEE: tanh(NaN) = NaN, tanh(+-inf) = +-1")
+    add("isolated", "empty array", lambda: ops.isolated(jnp.exp, jnp.zeros((0, 3))),
+        returns=lambda r: r.shape == (0, 3), expected="an empty result")
     add("rms_norm", "scale length differs", lambda: ops.rms_norm(x, _x((5,))), (VE, r"scale.*\(5,\)"))
     add("rms_norm", "scale rank 2", lambda: ops.rms_norm(x, _x((1, 4))), (VE, r"scale must have rank 1"))
     add("rms_norm", "x is a scalar", lambda: ops.rms_norm(jnp.float32(1), s4), (VE, r"\bx\b.*rank"))

@@ -16,5 +16,9 @@ def isolated(fn, *args):
     barriers, was batch-invariant. Barriers on the inputs and the output keep ``fn`` a unit.
     Differentiable (the barriers are identities for autodiff).
     """
+    if not callable(fn):
+        raise TypeError(f"isolated: fn must be a callable (e.g. jnp.tanh), got {type(fn).__name__}")
+    if not args:
+        raise TypeError("isolated: give fn's array arguments after fn, e.g. isolated(jnp.tanh, x)")
     args = [lax.optimization_barrier(a) for a in args]
     return lax.optimization_barrier(fn(*args))
