@@ -97,7 +97,9 @@ def _dot_precision(dtype, precision: str):
     return None
 
 
-def _matmul_kernel(a_ref, b_ref, o_ref, *, k_tiles, block_k, transpose_b, acc_dtype, precision):
+def _matmul_kernel(a_ref, b_ref, *refs, k_tiles, block_k, transpose_b, acc_dtype, precision,
+                   aliased=False):
+    o_ref = refs[-1]   # (with ``aliased`` the previous launch's output comes first, never read)
     bm = a_ref.shape[-2]
     bn = o_ref.shape[-1]
 
@@ -118,8 +120,43 @@ def _matmul_kernel(a_ref, b_ref, o_ref, *, k_tiles, block_k, transpose_b, acc_dt
     o_ref[0] = acc.astype(o_ref.dtype)
 
 
+# Wave quantisation: a grid of T tiles on S SMs runs ceil(T / S) waves; for the 2B down projection
+# (4096 x 2304 output, 288 tiles of 128 x 256 on 132 SMs) the third wave is 18% full. The GPU
+# wrapper then launches the rows that fill whole waves with the big tile and the remaining rows with
+# the TAIL tile, into the same output buffer (the second launch aliases the first one's output).
+# Every tile configuration gives the same bits, so where the split falls never changes a result.
+TAIL_CONFIG = TileConfig(64, 128, 64, 4, 4)
+_TAIL_COST = 0.4   # time of one wave of TAIL tiles / one wave of big tiles (tile area 1/4, less efficient)
+
+
+def _num_sms() -> int:
+    try:
+        return int(getattr(jax.devices()[0], "core_count", 0)) or 132
+    except Exception:  # noqa: BLE001 - no device query: assume an H100
+        return 132
+
+
+def gpu_split_rows(B: int, M: int, N: int, cfg: TileConfig, sms: int | None = None) -> int | None:
+    """Rows computed with ``cfg`` before the tail launch, or ``None`` for a single launch."""
+    if B != 1 or cfg.block_m < 128:
+        return None
+    sms = sms or _num_sms()
+    n_tiles_n = -(-N // cfg.block_n)
+    tiles = -(-M // cfg.block_m) * n_tiles_n
+    full = tiles // sms
+    if full < 1 or tiles % sms == 0:
+        return None
+    m1 = (full * sms // n_tiles_n) * cfg.block_m
+    if m1 <= 0 or m1 >= M:
+        return None
+    tail_tiles = -(-(M - m1) // TAIL_CONFIG.block_m) * -(-N // TAIL_CONFIG.block_n)
+    split_cost = -(-(m1 // cfg.block_m) * n_tiles_n // sms) + _TAIL_COST * -(-tail_tiles // sms)
+    return m1 if split_cost < 0.9 * -(-tiles // sms) else None
+
+
 def matmul_kernel_call(a, b, *, transpose_b=False, out_dtype=None, precision="highest",
-                       backend=None, config: TileConfig | None = None):
+                       backend=None, config: TileConfig | None = None, split_rows: int | None = None,
+                       tail_config: TileConfig | None = None):
     """Run the fixed-order matmul kernel.
 
     Args:
@@ -129,6 +166,9 @@ def matmul_kernel_call(a, b, *, transpose_b=False, out_dtype=None, precision="hi
       precision: ``'highest'`` (f32 inputs at full IEEE f32) or ``'tf32'`` (faster, GPU only).
       backend: override of the detjax backend (see ``pallas_kernels.backend``).
       config: GPU tile configuration; ``None`` picks by shape (all give the same bits).
+      split_rows: compute rows ``[0, split_rows)`` with ``config`` and the rest in a second launch
+        with ``tail_config`` (GPU default: ``gpu_split_rows``, against wave quantisation; forced
+        values are for tests). Must be a multiple of both tiles' ``block_m``.
 
     Returns:
       ``[B, M, N]`` in ``out_dtype``.
@@ -145,44 +185,70 @@ def matmul_kernel_call(a, b, *, transpose_b=False, out_dtype=None, precision="hi
     out_dtype = jnp.dtype(out_dtype or a.dtype)
     acc_dtype = jnp.float64 if a.dtype == jnp.float64 else jnp.float32
     if be == "gpu":
+        auto = config is None and split_rows is None
         cfg = config or gpu_config_for(M, N)
+        if auto:
+            split_rows = gpu_split_rows(B, M, N, cfg)
+        tail = tail_config or TAIL_CONFIG
     else:
         cfg = TileConfig(INTERPRET_BLOCK_M, INTERPRET_BLOCK_N)
-    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
-    if be != "gpu" and bk != MATMUL_BLOCK_K:
-        raise ValueError(f"block_k={bk}: off the GPU the K tile is fixed at {MATMUL_BLOCK_K}")
-    Mp, Np, Kp = round_up(max(M, 1), bm), round_up(max(N, 1), bn), round_up(max(K, 1), bk)
+        tail = cfg
+    launches = [(cfg, 0, M)] if not split_rows else [(cfg, 0, split_rows), (tail, split_rows, M)]
+    for c, r0, r1 in launches:
+        if be != "gpu" and c.block_k != MATMUL_BLOCK_K:
+            raise ValueError(f"block_k={c.block_k}: off the GPU the K tile is fixed at {MATMUL_BLOCK_K}")
+        if r0 % c.block_m or (r1 != M and r1 % c.block_m) or not 0 <= r0 < r1 <= M:
+            raise ValueError(f"split_rows={split_rows} must lie in (0, {M}) and be a multiple of "
+                             f"block_m ({cfg.block_m}, {tail.block_m})")
+    # Padded sizes serve every launch: rows up to the last launch's tile, N and K to every tile.
+    Mp = launches[-1][1] + round_up(max(M - launches[-1][1], 1), launches[-1][0].block_m)
+    bn_all = max(c.block_n for c, _, _ in launches)
+    bk_all = max(c.block_k for c, _, _ in launches)
+    Np, Kp = round_up(max(N, 1), bn_all), round_up(max(K, 1), bk_all)
     # Zero padding: padded rows/cols of the output are sliced off; padded K adds exact zeros.
     if (Mp, Kp) != (M, K):
         a = jnp.pad(a, ((0, 0), (0, Mp - M), (0, Kp - K)))
     if transpose_b:
         if (Np, Kp) != (N, K):
             b = jnp.pad(b, ((0, 0), (0, Np - N), (0, Kp - K)))
-        b_spec = pl.BlockSpec((1, bn, Kp), lambda bi, i, j: (bi, j, 0))
-    else:
-        if (Kp, Np) != (K, N):
-            b = jnp.pad(b, ((0, 0), (0, Kp - K), (0, Np - N)))
-        b_spec = pl.BlockSpec((1, Kp, bn), lambda bi, i, j: (bi, 0, j))
+    elif (Kp, Np) != (K, N):
+        b = jnp.pad(b, ((0, 0), (0, Kp - K), (0, Np - N)))
     b_index_batch = b.shape[0] != 1 or B == 1
-    if not b_index_batch:  # one weight shared by every batch element
-        b_spec = pl.BlockSpec(b_spec.block_shape,
-                              (lambda bi, i, j: (0, j, 0)) if transpose_b else (lambda bi, i, j: (0, 0, j)))
-    kernel = functools.partial(_matmul_kernel, k_tiles=Kp // bk, block_k=bk, transpose_b=transpose_b,
-                               acc_dtype=acc_dtype, precision=_dot_precision(a.dtype, precision))
-    compiler_params = None
-    if be == "gpu":
-        from jax.experimental.pallas import triton as pltriton
-        compiler_params = pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    out = pl.pallas_call(
-        kernel,
-        grid=(B, Mp // bm, Np // bn),
-        in_specs=[pl.BlockSpec((1, bm, Kp), lambda bi, i, j: (bi, i, 0)), b_spec],
-        out_specs=pl.BlockSpec((1, bm, bn), lambda bi, i, j: (bi, i, j)),
-        out_shape=jax.ShapeDtypeStruct((B, Mp, Np), out_dtype),
-        interpret=_backend.interpret_arg(be),
-        compiler_params=compiler_params,
-        name="detjax_matmul",
-    )(a, b)
+    out = None
+    for c, r0, r1 in launches:
+        bm, bn, bk = c.block_m, c.block_n, c.block_k
+        off = r0 // bm
+        rows = (Mp if r1 == M else r1) - r0
+        if transpose_b:
+            b_spec = pl.BlockSpec((1, bn, Kp), (lambda bi, i, j: (bi, j, 0)) if b_index_batch
+                                  else (lambda bi, i, j: (0, j, 0)))
+        else:
+            b_spec = pl.BlockSpec((1, Kp, bn), (lambda bi, i, j: (bi, 0, j)) if b_index_batch
+                                  else (lambda bi, i, j: (0, 0, j)))
+        kernel = functools.partial(_matmul_kernel, k_tiles=Kp // bk, block_k=bk,
+                                   transpose_b=transpose_b, acc_dtype=acc_dtype,
+                                   precision=_dot_precision(a.dtype, precision), aliased=out is not None)
+        compiler_params = None
+        if be == "gpu":
+            from jax.experimental.pallas import triton as pltriton
+            compiler_params = pltriton.CompilerParams(num_warps=c.num_warps, num_stages=c.num_stages)
+        out_spec = pl.BlockSpec((1, bm, bn), lambda bi, i, j, off=off: (bi, i + off, j))
+        in_specs = [pl.BlockSpec((1, bm, Kp), lambda bi, i, j, off=off: (bi, i + off, 0)), b_spec]
+        args = (a, b)
+        if out is not None:   # write the remaining rows into the first launch's buffer
+            in_specs.append(out_spec)
+            args = (a, b, out)
+        out = pl.pallas_call(
+            kernel,
+            grid=(B, rows // bm, Np // bn),
+            in_specs=in_specs,
+            out_specs=out_spec,
+            out_shape=jax.ShapeDtypeStruct((B, Mp, Np), out_dtype),
+            input_output_aliases={2: 0} if len(args) == 3 else {},
+            interpret=_backend.interpret_arg(be),
+            compiler_params=compiler_params,
+            name="detjax_matmul",
+        )(*args)
     if (Mp, Np) != (M, N):
         out = out[:, :M, :N]
     return out

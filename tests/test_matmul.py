@@ -190,3 +190,28 @@ def test_property_batch_invariance_and_accuracy(m, k, n, dtype, row, seed):
 def test_bad_input_errors_name_the_argument(call, exc, words):
     with pytest.raises(exc, match=words):
         call()
+
+
+@pytest.mark.parametrize("split", [32, 96, 160])
+@pytest.mark.parametrize("transpose_b", [False, True])
+def test_split_launch_gives_the_same_bits(rng, split, transpose_b):
+    """Rows computed by a second launch into the first one's buffer: the same bits, every row."""
+    a, b = randn(rng, (1, 300, 150), jnp.float32), randn(rng, (1, 150, 70), jnp.float32)
+    bb = jnp.swapaxes(b, 1, 2) if transpose_b else b
+    kw = {}
+    if ON_GPU:   # forced tiles on the GPU: a big first tile, the default tail tile
+        kw = dict(config=mm.GPU_CONFIGS["large"], tail_config=mm.TAIL_CONFIG)
+        split = -(-split // 128) * 128
+    one = mm.matmul_kernel_call(a, bb, transpose_b=transpose_b, **({"config": kw["config"]} if kw else {}))
+    two = mm.matmul_kernel_call(a, bb, transpose_b=transpose_b, split_rows=split, **kw)
+    assert_bitwise_equal(two, one, f"split at {split}")
+    with pytest.raises(ValueError, match="split_rows"):
+        mm.matmul_kernel_call(a, bb, transpose_b=transpose_b, split_rows=7, **kw)
+
+
+def test_split_plan_targets_wave_quantisation():
+    lw = mm.GPU_CONFIGS["large_wide"]
+    assert mm.gpu_split_rows(1, 4096, 2304, lw, sms=132) == 3712      # 2B down: 2.18 -> 2.3 waves
+    for m, n in [(4096, 2048), (8192, 8192), (4096, 9216), (1024, 4096), (4096, 4096)]:
+        assert mm.gpu_split_rows(1, m, n, lw, sms=132) is None, (m, n)
+    assert mm.gpu_split_rows(2, 4096, 2304, lw, sms=132) is None      # batched: one launch
