@@ -67,9 +67,9 @@ class TileConfig:
 GPU_CONFIGS = {
     "small": TileConfig(16, 32, 128, 2, 4),
     "small_wide": TileConfig(16, 64, 128, 4, 4),
-    "small_deep": TileConfig(16, 32, 256, 4, 4),
+    "small_deep": TileConfig(16, 32, 256, 4, 6),
     "medium": TileConfig(64, 64, 64, 4, 4),
-    "medium_deep": TileConfig(64, 64, 128, 4, 4),
+    "medium_deep": TileConfig(64, 64, 128, 4, 5),
     "medium_wide": TileConfig(64, 128, 64, 4, 3),
     "large": TileConfig(128, 128, 64, 8, 3),
     "large_wide": TileConfig(128, 256, 64, 8, 3),
@@ -77,16 +77,28 @@ GPU_CONFIGS = {
 }
 
 
-def gpu_config_for(m: int, n: int) -> TileConfig:
-    # Chosen from the H100 sweeps (results/2026-11-22-h100/run4_matmul_sweep.json, then
-    # results/2026-11-22-h100/s2_sweep.txt: M=16 0.69x -> 0.79x XLA, M=128 0.76x -> 0.97x).
+def gpu_config_for(m: int, n: int, k: int | None = None) -> TileConfig:
+    """The GPU tile for an ``[m, k] x [k, n]`` product (every choice gives the same bits).
+
+    Chosen from the H100 sweeps (results/2026-11-22-h100/run4_matmul_sweep.json, s2_sweep.txt,
+    s2_sweep2.txt). With ``k`` given, ``block_k`` is lowered until it divides ``k`` rounded up to 64,
+    so that the weight is never padded (copied) on each call just to fit the pipeline tile.
+    """
     if m <= 16:
-        return GPU_CONFIGS["small_deep"]
-    if m <= 128:
-        return GPU_CONFIGS["medium_deep"]
-    if m <= 256:
-        return GPU_CONFIGS["medium"]
-    return GPU_CONFIGS["large_wide"]
+        cfg = GPU_CONFIGS["small_wide" if n >= 8192 else "small_deep"]
+    elif m <= 128:
+        cfg = GPU_CONFIGS["medium_deep"]
+    elif m <= 256:
+        cfg = GPU_CONFIGS["medium"]
+    else:
+        cfg = GPU_CONFIGS["large_wide"]
+    if k is not None:
+        k64 = round_up(max(k, 1), MATMUL_BLOCK_K)
+        bk = cfg.block_k
+        while k64 % bk:
+            bk //= 2
+        cfg = dataclasses.replace(cfg, block_k=max(bk, MATMUL_BLOCK_K))
+    return cfg
 
 
 def _dot_precision(dtype, precision: str):
@@ -186,7 +198,7 @@ def matmul_kernel_call(a, b, *, transpose_b=False, out_dtype=None, precision="hi
     acc_dtype = jnp.float64 if a.dtype == jnp.float64 else jnp.float32
     if be == "gpu":
         auto = config is None and split_rows is None
-        cfg = config or gpu_config_for(M, N)
+        cfg = config or gpu_config_for(M, N, K)
         if auto:
             split_rows = gpu_split_rows(B, M, N, cfg)
         tail = tail_config or TAIL_CONFIG
