@@ -39,6 +39,16 @@ data-parallel (DP) nor the tensor-parallel (TP) degree can change the bits.
   for every DP degree (any degree that divides the number of blocks), and run to run.
   Cost: the gather holds ``num_blocks`` gradient copies per device (a ``ppermute`` chain over the
   devices in ascending order would give the same bits holding one; not written yet).
+* **TP (and DP x TP) training**: ``tp_value_and_grad(pmodel, tokens)`` / ``tp_train_step``:
+  loss and gradients bitwise equal to ``dp_value_and_grad`` on one device for every TP and DP
+  degree. The backward keeps the rule: a sharded weight's gradient (a contraction over tokens) is
+  computed locally; every backward reduction over a *sharded* dimension (a projection's input
+  gradient, the QK-norm scale shared by heads, dK/dV of a GQA group split over devices) is a
+  ``custom_vjp`` that all-gathers its operands and runs the single-device op on them, redundantly
+  on each TP device; activation all-gathers transpose to a slice (the cotangent is replicated),
+  never to a reduce-scatter. Blocks over ``'data'`` are summed as in ``dp_value_and_grad``.
+  No float all-reduce in the compiled program (``tp_grad_hlo``). ``grad_reduce='psum'``
+  (Megatron's backward) is the negative control.
 * **Generation**: ``generate(pmodel, prompts, ...)`` runs ``detjax.generate`` on the parallel
   model (its ``prefill`` / ``decode_step`` are ``shard_map``-ped); under DP the prompts are padded to
   a multiple of the DP degree with copies of the last prompt (rows are independent), and the copies
@@ -60,10 +70,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from detjax.generate import GenerationResult
 from detjax.generate import generate as _generate
 from detjax.nn._impl import ops as _ops
+from detjax.nn._layers import _compute_dtype, _dt, apply_rope
 
 __all__ = ["DATA", "MODEL", "make_mesh", "shard_batch", "replicate", "tensor_parallel",
            "data_parallel", "ParallelTransformer", "forward", "generate", "ordered_sum",
            "deterministic_allreduce_sum", "dp_value_and_grad", "dp_train_step",
+           "tp_value_and_grad", "tp_train_step", "tp_grad_hlo", "unshard",
            "assert_no_float_allreduce", "float_allreduces"]
 
 DATA, MODEL = "data", "model"
@@ -526,6 +538,9 @@ def dp_value_and_grad(model, tokens, mesh: Mesh, *, block_size: int = 1):
 
 
 def _dp_vg(graphdef, params, rest, tokens, mesh, block_size):
+    # placed explicitly (a no-op for a ParallelTransformer's parameters), so that the call from
+    # ``tp_value_and_grad`` at TP degree 1 hits this jitted function's cache
+    params, rest = replicate(mesh, params), replicate(mesh, rest)
     return _dp_vg_fn(graphdef, mesh, block_size)(params, rest, tokens)
 
 
@@ -557,3 +572,473 @@ def dp_train_step(model, tokens, mesh: Mesh, *, lr: float = 1e-2, block_size: in
 
     new = jax.jit(sgd)(params, grads)
     return loss, grads, nnx.merge(graphdef, new, rest)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor-parallel (and DP x TP) training: loss and gradients bitwise equal to one device
+#
+# Under TP every device computes the replicated parts (norms, residual stream, loss) redundantly,
+# so each holds the *whole* loss. Differentiating that local replica with plain autodiff would be
+# wrong twice over: the transpose of ``all_gather`` is a reduce-scatter (float sum over devices, in
+# the collective library's order), and the input gradient of a sharded projection contracts the
+# sharded dimension (Megatron all-reduces it). Instead, every point where the single-device
+# backward contracts or reduces over a sharded dimension is a ``custom_vjp`` whose backward gathers
+# the operands and runs the single-device computation on them:
+#
+# * ``_gather_rep`` (activation all-gather): the cotangent downstream is replicated (identical on
+#   every device), so the cotangent of the local block is its slice: a copy, never a sum.
+# * ``_split_grad`` (projection with a sharded weight; RMSNorm of sharded heads with a shared
+#   scale): the gradient of the sharded operand is local (weight gradients contract tokens, which
+#   no device splits); the gradient of the shared operand (the replicated input of a projection,
+#   the norm scale) is the vjp of the *same op on the gathered operands* (weight / heads and the
+#   output cotangent gathered, repeated KV heads de-duplicated): the single-device call itself,
+#   computed redundantly on every device.
+# * ``_group_attention`` (TP degree above ``num_kv_heads``: a KV head's query group spans ``r``
+#   devices): the backward gathers the group's queries and output cotangents and runs the
+#   single-device attention backward of the whole group, so dK/dV (summed over the group inside
+#   the kernel) come out whole and identical on the ``r`` devices holding copies of the KV head.
+# * ``_owner_rows`` (embedding lookup): each device looks its own tokens up (``jnp.take`` of the
+#   local rows, other tokens out of range: dropped by the scatter-add of the backward), the owner's
+#   row is copied to every device; backward: each device keeps the cotangent of its own tokens.
+#   The local ``take``'s scatter-add then has the single-device structure (XLA folds it into the
+#   unembedding gradient, ``add(scatter(0, ...), dE) -> scatter(dE, ...)``, in both programs: a
+#   row's repeated tokens are added one by one onto the same value, in the same order).
+
+def _gather(x, axis_name, axis):
+    return jax.lax.all_gather(x, axis_name, axis=axis % x.ndim, tiled=True)
+
+
+def _dedupe(x, axis, r):
+    """Every ``r``-th slice along ``axis``: undoes ``jnp.repeat(., r, axis)`` (exact copies)."""
+    return x if r == 1 else jax.lax.slice_in_dim(x, 0, x.shape[axis], stride=r, axis=axis % x.ndim)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _gather_rep_p(x, axis_name, axis):
+    return _gather(x, axis_name, axis)
+
+
+def _gather_rep_fwd(x, axis_name, axis):
+    return _gather(x, axis_name, axis), None
+
+
+def _gather_rep_bwd(axis_name, axis, _, g):
+    n = g.shape[axis] // jax.lax.axis_size(axis_name)
+    return (jax.lax.dynamic_slice_in_dim(g, jax.lax.axis_index(axis_name) * n, n, axis),)
+
+
+_gather_rep_p.defvjp(_gather_rep_fwd, _gather_rep_bwd)
+
+
+def _gather_rep(x, axis_name, axis):
+    """``all_gather`` (tiled) of ``x`` along ``axis`` for a replicated downstream computation:
+    the cotangent of ``x`` is the local slice of the (identical) cotangent of the result."""
+    return _gather_rep_p(x, axis_name, axis % x.ndim)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _split_grad(f, full, sharded, shared, aux):
+    return f(sharded, shared, aux)
+
+
+def _split_grad_fwd(f, full, sharded, shared, aux):
+    y, vjp_local = jax.vjp(lambda s: f(s, shared, aux), sharded)
+    return y, (vjp_local, sharded, shared, aux)
+
+
+def _split_grad_bwd(f, full, res, dy):
+    vjp_local, sharded, shared, aux = res
+    (ds,) = vjp_local(dy)
+    s_full, dy_full = full(sharded, dy)
+    _, vjp_h = jax.vjp(lambda h: f(s_full, h, aux), shared)
+    (dh,) = vjp_h(dy_full)
+    return ds, dh, jax.tree.map(lambda a: None, aux)
+
+
+_split_grad.defvjp(_split_grad_fwd, _split_grad_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _split_grad_psum(f, axis_name, sharded, shared, aux):
+    return f(sharded, shared, aux)
+
+
+def _split_grad_psum_fwd(f, axis_name, sharded, shared, aux):
+    return f(sharded, shared, aux), (sharded, shared, aux)
+
+
+def _split_grad_psum_bwd(f, axis_name, res, dy):
+    """Megatron's backward: local partial of the shared operand's gradient, then ``psum``
+    (split contraction, the collective's order): the negative control."""
+    sharded, shared, aux = res
+    _, vjp = jax.vjp(lambda s, h: f(s, h, aux), sharded, shared)
+    ds, dh = vjp(dy)
+    return ds, jax.lax.psum(dh, axis_name), jax.tree.map(lambda a: None, aux)
+
+
+_split_grad_psum.defvjp(_split_grad_psum_fwd, _split_grad_psum_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _group_attention(f, axis_name, group, q, kv, aux):
+    return f(q, kv, aux)
+
+
+def _group_attention_fwd(f, axis_name, group, q, kv, aux):
+    return f(q, kv, aux), (q, kv, aux)
+
+
+def _group_attention_bwd(f, axis_name, group, res, do):
+    q, kv, aux = res
+    nl = q.shape[2]                                   # local query heads
+    r, g = group                                      # devices per KV head, query heads per group
+    idx = jax.lax.axis_index(axis_name)
+
+    def grp(a):                                       # this KV head's whole query group
+        return jax.lax.dynamic_slice_in_dim(_gather(a, axis_name, 2), (idx // r) * g, g, 2)
+
+    _, vjp = jax.vjp(lambda q_, kv_: f(q_, kv_, aux), grp(q), kv)
+    dq, dkv = vjp(grp(do))
+    dq = jax.lax.dynamic_slice_in_dim(dq, (idx % r) * nl, nl, 2)
+    return dq, dkv, jax.tree.map(lambda a: None, aux)
+
+
+_group_attention.defvjp(_group_attention_fwd, _group_attention_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _owner_rows(axis_name, rows, owner):
+    every = jax.lax.all_gather(rows, axis_name, axis=0)                 # [tp, B, T, D]
+    return jnp.take_along_axis(every, owner[None, ..., None], axis=0)[0]
+
+
+def _owner_rows_fwd(axis_name, rows, owner):
+    return _owner_rows(axis_name, rows, owner), owner
+
+
+def _owner_rows_bwd(axis_name, owner, g):
+    mine = (owner == jax.lax.axis_index(axis_name))[..., None]
+    return jnp.where(mine, g, jnp.zeros_like(g)), None
+
+
+_owner_rows.defvjp(_owner_rows_fwd, _owner_rows_bwd)
+
+
+def _einsum_f(mod):
+    eq, dtype, impl = mod.equation, mod.dtype, mod.impl
+
+    def f(w, x, aux):
+        dt = _compute_dtype(x, w, dtype)
+        return _ops(impl).einsum(eq, x.astype(dt), w.astype(dt))
+    return f
+
+
+def _linear_f(mod):
+    if mod.bias is not None:
+        raise NotImplementedError("TP training of Linear layers with a bias")
+    dtype, impl = mod.dtype, mod.impl
+
+    def f(w, x, aux):
+        dt = _compute_dtype(x, w, dtype)
+        return _ops(impl).matmul(x.astype(dt), w.astype(dt))
+    return f
+
+
+def _attend_f(emb):
+    dtype, impl = emb.dtype, emb.impl
+
+    def f(e, x, aux):
+        dt = _compute_dtype(x, e, dtype)
+        return _ops(impl).dot_general(x.astype(dt), e.astype(dt),
+                                      (((x.ndim - 1,), (1,)), ((), ())))
+    return f
+
+
+def _norm_f(mod):
+    dtype, impl, eps = mod.dtype, mod.impl, mod.eps
+
+    def f(x, scale, aux):
+        return _ops(impl).rms_norm(_dt(x, dtype), scale, eps=eps, offset=1.0)
+    return f
+
+
+class _LocalTrain(_Local):
+    """The per-device *differentiable* TP forward (``mode='gather'``): ``_Local`` with every
+    collective and every shared-operand gradient behind the custom VJPs above, and the loss
+    computed on the gathered (replicated) logits. Mirrors ``Transformer.__call__`` op for op, so
+    that the backward is the single-device backward (same ops, same operands, same cotangent
+    accumulation order)."""
+
+    def __init__(self, m, cfg, r, grad_reduce):
+        self.m, self.mode, self.cfg, self.r = m, "gather", cfg, r
+        self.grad_reduce = grad_reduce
+
+    def _sharded(self, f, w, x, w_axis, y_axis, r=1):
+        """``f(w, x)`` with ``w`` sharded along ``w_axis`` (the output along ``y_axis``)."""
+        m = self.m
+        if self.grad_reduce == "psum":
+            return _split_grad_psum(f, m, w, x, ())
+
+        def full(w_, dy):
+            return (_dedupe(_gather(w_, m, w_axis), w_axis, r),
+                    _dedupe(_gather(dy, m, y_axis), y_axis, r))
+        return _split_grad(f, full, w, x, ())
+
+    def _proj(self, mod, x, w_axis, y_axis, r=1):
+        return self._sharded(_einsum_f(mod), mod.w[...], x, w_axis, y_axis, r)
+
+    def _head_norm(self, norm, x, r=1):
+        """RMSNorm over ``head_dim`` of local heads ``[B, T, n, H]``; its scale is shared by all
+        heads, so the scale gradient reduces over every head: computed on the gathered heads."""
+        m = self.m
+
+        def full(x_, dy):
+            return (_dedupe(_gather(x_, m, 2), 2, r), _dedupe(_gather(dy, m, 2), 2, r))
+        return _split_grad(_norm_f(norm), full, x, norm.scale[...], ())
+
+    def _embed(self, model, tokens):
+        if self.m is None:
+            return model._embed(tokens)
+        emb = model.embedder
+        e = emb.embedding[...]                                              # [V / tp, D]
+        vl = e.shape[0]
+        local = tokens - jax.lax.axis_index(self.m) * vl
+        local = jnp.where((local >= 0) & (local < vl), local, vl)           # others: out of range
+        rows = jnp.take(e, local, axis=0, mode="fill", fill_value=0)
+        y = _owner_rows(self.m, rows, tokens // vl)
+        if emb.dtype is not None:
+            y = y.astype(emb.dtype)
+        if self.cfg.embed_scale_by_sqrt_dim:
+            y = y * jnp.asarray(math.sqrt(self.cfg.d_model), y.dtype)
+        return y
+
+    def _qkv(self, attn, x, positions):
+        r = self.r
+        q = self._proj(attn.q_proj, x, 0, 2)
+        k = self._proj(attn.k_proj, x, 0, 2, r)
+        v = self._proj(attn.v_proj, x, 0, 2, r)
+        if attn.q_norm is not None:
+            q, k = self._head_norm(attn.q_norm, q), self._head_norm(attn.k_norm, k, r)
+        rope = dict(base=attn.rope_base, scale_factor=attn.rope_scale_factor, impl=attn.impl)
+        q, k = apply_rope(q, positions, **rope), apply_rope(k, positions, **rope)
+        q = q * jnp.asarray(attn.query_pre_attn_scalar ** -0.5, q.dtype)
+        return q, k, v
+
+    def _attn(self, attn, x, positions, lengths):
+        if self.m is None:
+            return super()._attn(attn, x, positions, lengths)
+        q, k, v = self._qkv(attn, x, positions)
+        opts = attn._opts()
+        impl = attn.impl
+
+        def f(q_, kv, aux):
+            return _ops(impl).attention(q_, kv[0], kv[1], q_positions=aux[0], kv_lengths=aux[1],
+                                        **opts)
+        if lengths is None:
+            lengths = jnp.full((x.shape[0],), x.shape[1], jnp.int32)
+        if self.r > 1:    # one KV head (a copy) per device; its query group spans r devices
+            o = _group_attention(f, self.m, (self.r, self.cfg.num_heads // self.cfg.num_kv_heads),
+                                 q, (k, v), (positions, lengths))
+        else:
+            o = f(q, (k, v), (positions, lengths))
+        o = _gather_rep(o, self.m, 2)                                         # all heads
+        y = self._proj(attn.o_proj, o, 2, -1)                                 # d_model-sharded
+        return _gather_rep(y, self.m, -1), (k, v)
+
+    def _mlp(self, mlp, x):
+        if self.m is None:
+            return mlp(x)
+        lin = _linear_f
+        g = self._sharded(lin(mlp.gate), mlp.gate.kernel[...], x, 1, -1)
+        gelu = _ops(mlp.impl).isolated(lambda a: jax.nn.gelu(a, approximate=True), g)
+        u = self._sharded(lin(mlp.up), mlp.up.kernel[...], x, 1, -1)
+        h = _gather_rep(gelu * u, self.m, -1)
+        y = self._sharded(lin(mlp.down), mlp.down.kernel[...], h, 1, -1)
+        return _gather_rep(y, self.m, -1)
+
+    def logits(self, model, tokens):
+        """Full (gathered, replicated) logits ``[B, T, vocab]`` of ``Transformer.__call__``."""
+        if self.m is None:
+            return model(tokens)
+        b, t = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        x = self._embed(model, tokens)
+        for layer in model.layers:
+            x, _ = self._block(layer, x, positions, None)
+        x = model.final_norm(x)
+        emb = model.embedder
+        logits = self._sharded(_attend_f(emb), emb.embedding[...], x, 0, -1).astype(jnp.float32)
+        cap = self.cfg.final_logits_soft_cap
+        if cap is not None:
+            logits = _ops(model.impl).isolated(
+                lambda v: jnp.tanh(v * jnp.float32(1.0 / cap)) * jnp.float32(cap), logits)
+        return _gather_rep(logits, self.m, -1)
+
+    def block_loss(self, model, tokens):
+        """``_block_loss`` on the TP-local model."""
+        o = _ops(model.impl)
+        logits = self.logits(model, tokens[:, :-1])
+        lp = o.log_softmax(logits, axis=-1)
+        nll = -jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]
+        return o.sum(nll.reshape(1, -1), axis=-1)[0]
+
+
+def _spec_key(specs):
+    leaves, treedef = jax.tree.flatten(specs, is_leaf=lambda s: isinstance(s, P))
+    return treedef, tuple(leaves)
+
+
+@functools.lru_cache(maxsize=32)
+def _tp_vg_fn(graphdef, mesh, cfg, r, block_size, grad_reduce, pkey, rkey):
+    d = _ax(mesh, DATA)
+    m = _ax(mesh, MODEL) if _size(mesh, MODEL) > 1 else None
+    pspecs, rspecs = pkey[0].unflatten(pkey[1]), rkey[0].unflatten(rkey[1])
+    lp = _LocalTrain(m, cfg, r, grad_reduce)
+
+    def loss(params, rest, tokens):
+        return lp.block_loss(nnx.merge(graphdef, params, rest), tokens)
+
+    def local(params, rest, tokens):
+        blocks = tokens.reshape(-1, block_size, tokens.shape[-1])
+        losses, grads = jax.vmap(jax.value_and_grad(loss), in_axes=(None, None, 0))(
+            params, rest, blocks)
+        return (deterministic_allreduce_sum(losses, d, blocks=True),
+                deterministic_allreduce_sum(grads, d, blocks=True))
+
+    f = jax.shard_map(local, mesh=mesh, in_specs=(pspecs, rspecs, P(d)),
+                      out_specs=(P(), pspecs), check_vma=False)
+    return jax.jit(f)
+
+
+def _tp_split(pmodel, tokens, block_size, grad_reduce):
+    """Checks; ``(fn, graphdef, params, rest, tokens)`` with ``fn(params, rest, tokens)`` ->
+    ``(loss, grads in pmodel's layout)``. TP degree 1 is data parallelism: ``dp_value_and_grad``'s
+    program (the same jitted function)."""
+    if not isinstance(pmodel, ParallelTransformer):
+        raise TypeError("expected a ParallelTransformer (tensor_parallel(model, mesh))")
+    if pmodel.mode != "gather":
+        raise ValueError("TP training needs a mode='gather' ParallelTransformer")
+    if grad_reduce not in ("gather", "psum"):
+        raise ValueError(f"grad_reduce must be 'gather' or 'psum'; got {grad_reduce!r}")
+    if grad_reduce == "psum" and pmodel.kv_repeat > 1:
+        raise ValueError("grad_reduce='psum' (negative control) needs TP <= num_kv_heads")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int; got {block_size!r}")
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.ndim != 2 or tokens.shape[1] < 2:
+        raise ValueError(f"tokens must be [batch, seq >= 2]; got shape {tuple(tokens.shape)}")
+    b = tokens.shape[0]
+    if b % block_size or (b // block_size) % pmodel.dp:
+        raise ValueError(f"batch {b} must be a multiple of block_size ({block_size}) x DP degree "
+                         f"({pmodel.dp})")
+    graphdef, params, rest = nnx.split(pmodel.inner, nnx.Param, ...)
+    mesh = pmodel.mesh
+    toks = shard_batch(mesh, tokens)
+    if pmodel.tp == 1:
+        def fn(p, r, t):
+            return _dp_vg(graphdef, p, r, t, mesh, block_size)
+        return fn, graphdef, params, rest, toks
+    jf = _tp_vg_fn(graphdef, mesh, pmodel.config, pmodel.kv_repeat, block_size, grad_reduce,
+                   _spec_key(_state_specs(params, mesh, "gather")),
+                   _spec_key(_state_specs(rest, mesh, "gather")))
+
+    def fn(p, r, t):
+        return _executable(jf, p, r, t)(p, r, t)
+    fn.executable = lambda p, r, t: _executable(jf, p, r, t)
+    return fn, graphdef, params, rest, toks
+
+
+_EXECUTABLES: dict = {}
+
+
+def _executable(jf, *args):
+    """``jf.lower(*args).compile()``, cached (so the HLO text of the program that ran can be
+    inspected without compiling it again)."""
+    leaves = jax.tree.leaves(args)
+    key = (jf, jax.tree.structure(args),
+           tuple((a.shape, a.dtype, a.sharding) for a in leaves))
+    ex = _EXECUTABLES.get(key)
+    if ex is None:
+        if len(_EXECUTABLES) >= 16:
+            _EXECUTABLES.pop(next(iter(_EXECUTABLES)))
+        ex = _EXECUTABLES[key] = jf.lower(*args).compile()
+    return ex
+
+
+def tp_grad_hlo(pmodel: ParallelTransformer, tokens, *, block_size: int = 1,
+                grad_reduce: str = "gather") -> str:
+    """Compiled HLO text of ``tp_value_and_grad``'s program (the cached executable that runs;
+    TP degree > 1), e.g. for ``assert_no_float_allreduce``."""
+    fn, _, params, rest, toks = _tp_split(pmodel, tokens, block_size, grad_reduce)
+    if pmodel.tp == 1:
+        raise ValueError("TP degree 1 runs dp_value_and_grad's jitted program; lower it instead")
+    return fn.executable(params, rest, toks).as_text()
+
+
+def _single_layout(state, r):
+    """Parameters / gradients of a ``ParallelTransformer`` in the single-device layout (the
+    repeated KV heads of ``k_proj`` / ``v_proj`` de-duplicated)."""
+    def one(path, a):
+        names = _path_names(path)
+        if r > 1 and len(names) >= 2 and names[-2] in ("k_proj", "v_proj") and names[-1] == "w":
+            return a[::r]
+        return a
+    return jax.tree_util.tree_map_with_path(one, state)
+
+
+def tp_value_and_grad(pmodel: ParallelTransformer, tokens, *, block_size: int = 1,
+                      grad_reduce: str = "gather"):
+    """Loss and parameter gradients of the summed next-token cross-entropy of ``tokens [B, T]``
+    under tensor parallelism (and DP x TP: ``pmodel``'s mesh may have a ``'data'`` axis > 1),
+    bitwise equal to ``dp_value_and_grad(model, tokens, make_mesh(1, 1), block_size=...)`` on one
+    device for every TP and DP degree.
+
+    ``pmodel`` = ``tensor_parallel(model, mesh)`` (mode ``'gather'``). Blocks of ``block_size``
+    examples are spread over ``'data'`` as in ``dp_value_and_grad``; within a block the forward is
+    the TP forward, and the backward keeps every contraction on one device (the gradient of a
+    sharded weight is computed locally; every reduction over a sharded dimension - a projection's
+    input gradient, a norm scale shared by heads, dK/dV of a split GQA group, the embedding
+    scatter-add - gathers its operands and runs the single-device op: module comment above
+    ``_gather_rep``). The compiled program contains no float all-reduce / reduce-scatter.
+    Cost of that choice: per layer, the backward all-gathers the layer's weights and computes
+    input gradients redundantly on every TP device (like the replicated norms and residual stream).
+
+    ``grad_reduce='psum'``: Megatron's backward (projection input gradients as local partials +
+    ``psum``); NOT deterministic across TP degrees: the negative control (needs TP <=
+    ``num_kv_heads``).
+
+    Returns ``(loss, grads)``; ``grads`` is an ``nnx.State`` of the ``nnx.Param`` s in the
+    single-device layout (use ``tp_train_step`` to update a ``ParallelTransformer``).
+    """
+    fn, _, params, rest, toks = _tp_split(pmodel, tokens, block_size, grad_reduce)
+    loss, grads = fn(params, rest, toks)
+    return loss, _single_layout(grads, pmodel.kv_repeat)
+
+
+def tp_train_step(pmodel: ParallelTransformer, tokens, *, lr: float = 1e-2, block_size: int = 1):
+    """One SGD step ``p - lr * g`` of a ``ParallelTransformer`` with the ``tp_value_and_grad``
+    gradients; returns ``(loss, grads, new_pmodel)`` (``grads`` in the single-device layout;
+    ``new_pmodel`` keeps the placement, and its ``unshard`` equals the parameters of
+    ``dp_train_step`` on one device bitwise)."""
+    fn, graphdef, params, rest, toks = _tp_split(pmodel, tokens, block_size, "gather")
+    loss, grads = fn(params, rest, toks)
+
+    def sgd(p, g):
+        return jax.tree.map(lambda a, b: a - jnp.asarray(lr, a.dtype) * b.astype(a.dtype), p, g)
+
+    # the new parameters keep the placement exactly (the next step reuses the same executable)
+    new = jax.jit(sgd, out_shardings=jax.tree.map(lambda a: a.sharding, params))(params, grads)
+    new_pm = ParallelTransformer(nnx.merge(graphdef, new, rest), pmodel.mesh, pmodel.mode,
+                                 pmodel.kv_repeat)
+    return loss, _single_layout(grads, pmodel.kv_repeat), new_pm
+
+
+def unshard(pmodel: ParallelTransformer):
+    """The single-device ``Transformer`` of a ``ParallelTransformer`` (parameters copied to the
+    default device, repeated KV heads removed): ``unshard(tensor_parallel(model, mesh))`` has the
+    parameters of ``model``."""
+    graphdef, params, rest = nnx.split(pmodel.inner, nnx.Param, ...)
+    params = _single_layout(jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), params),
+                            pmodel.kv_repeat)
+    rest = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), rest)
+    return nnx.merge(graphdef, params, rest)
