@@ -22,8 +22,9 @@ Rows with an empty interval (padding rows, a query before every valid key) produ
 Non-finite inputs follow IEEE arithmetic *restricted to the row's interval*: a NaN logit at a valid
 key makes the row NaN; a NaN/inf value at a valid key gives NaN/inf in that output column; keys
 outside the interval (future keys, outside the window, past the length) never touch the row, not
-even as ``0 * NaN`` inside the ``p @ v`` dot (``_pv``: blocks whose ``v`` is not all finite are
-re-done with the non-finite values zeroed and counted exactly per row). So decode, which never
+even as ``0 * NaN`` inside the ``p @ v`` dot (``_split_state``: a split whose accumulator comes
+out non-finite is folded again with ``_pv``'s guarded dots, which zero the non-finite values and
+count them exactly per row; for finite values both folds give the same bits). So decode, which never
 reads keys past its length, agrees with prefill also for non-finite caches. (A valid key whose
 ``p`` underflowed to exactly 0 still propagates its NaN/inf.)
 
@@ -269,40 +270,35 @@ def _nan_max(a, b):
 _NAN_CODE, _PINF_CODE, _NINF_CODE = 1.0, 128.0, 16384.0
 
 
-def _pv(p, v, valid):
+def _pv(p, v, valid, guarded=True):
     """``p @ v`` where keys outside a row's interval never contribute, even as ``0 * NaN``.
 
-    All-finite ``v`` (the normal case) takes the plain dot. Otherwise the dot runs on ``v`` with its
-    non-finite entries zeroed, and each (row, column) whose *valid* keys hold a non-finite value
-    gets the IEEE result of adding them: NaN for a NaN or for both infinities, else the infinity.
-    (A valid key whose ``p`` underflowed to 0 still counts: documented in the module header.)
+    ``guarded=False`` is the plain dot (all-finite ``v``, the normal case). The guarded form runs the
+    dot on ``v`` with its non-finite entries zeroed, and each (row, column) whose *valid* keys hold
+    a non-finite value gets the IEEE result of adding them: NaN for a NaN or for both infinities,
+    else the infinity. (A valid key whose ``p`` underflowed to 0 still counts: see the header.)
+    For all-finite ``v`` both forms run the same dot on the same operands: the same bits.
     """
     prec = _precision(v.dtype)
-    finite = jnp.abs(v) < jnp.inf   # False for NaN and +-inf
-
-    def plain(_):
+    if not guarded:
         return _dot_nn(p.astype(v.dtype), v, prec)
-
-    def guarded(_):
-        v_fin = jnp.where(finite, v, jnp.zeros_like(v))
-        pv = _dot_nn(p.astype(v.dtype), v_fin, prec)
-        code = jnp.where(v != v, _NAN_CODE,
-                         jnp.where(v == jnp.inf, _PINF_CODE,
-                                   jnp.where(v == -jnp.inf, _NINF_CODE, 0.0))).astype(v.dtype)
-        cnt = _dot_nn(valid.astype(v.dtype), code, prec)        # exact small integers in f32
-        n_ninf = jnp.floor(cnt / _NINF_CODE)
-        rest = cnt - n_ninf * _NINF_CODE
-        n_pinf = jnp.floor(rest / _PINF_CODE)
-        n_nan = rest - n_pinf * _PINF_CODE
-        out = jnp.where(n_pinf > 0, jnp.inf, pv)
-        out = jnp.where(n_ninf > 0, -jnp.inf, out)
-        return jnp.where((n_nan > 0) | ((n_pinf > 0) & (n_ninf > 0)), jnp.nan, out)
-
-    all_finite = jnp.min(finite.astype(jnp.int32)) > 0
-    return lax.cond(all_finite, plain, guarded, 0)
+    finite = jnp.abs(v) < jnp.inf   # False for NaN and +-inf
+    v_fin = jnp.where(finite, v, jnp.zeros_like(v))
+    pv = _dot_nn(p.astype(v.dtype), v_fin, prec)
+    code = jnp.where(v != v, _NAN_CODE,
+                     jnp.where(v == jnp.inf, _PINF_CODE,
+                               jnp.where(v == -jnp.inf, _NINF_CODE, 0.0))).astype(v.dtype)
+    cnt = _dot_nn(valid.astype(v.dtype), code, prec)        # exact small integers in f32
+    n_ninf = jnp.floor(cnt / _NINF_CODE)
+    rest = cnt - n_ninf * _NINF_CODE
+    n_pinf = jnp.floor(rest / _PINF_CODE)
+    n_nan = rest - n_pinf * _PINF_CODE
+    out = jnp.where(n_pinf > 0, jnp.inf, pv)
+    out = jnp.where(n_ninf > 0, -jnp.inf, out)
+    return jnp.where((n_nan > 0) | ((n_pinf > 0) & (n_ninf > 0)), jnp.nan, out)
 
 
-def _block_step(state, s, valid, v):
+def _block_step(state, s, valid, v, guarded=True):
     """Fold one KV block into a row state. Rows with no valid key keep their state bitwise.
 
     A NaN logit at a valid key makes the row's state NaN (so the output is NaN, as in IEEE
@@ -317,7 +313,7 @@ def _block_step(state, s, valid, v):
     p = jnp.where(valid, jnp.exp(s - m_use[..., None]), 0.0)
     alpha = jnp.where(m == -jnp.inf, 0.0, jnp.exp(m - m_use))
     l_new = alpha * l + jnp.sum(p, axis=-1)
-    pv = _pv(p, v, jnp.broadcast_to(valid, p.shape))
+    pv = _pv(p, v, jnp.broadcast_to(valid, p.shape), guarded)
     acc_new = acc * alpha[..., None] + pv
     return (jnp.where(any_valid, m_new, m), jnp.where(any_valid, l_new, l),
             jnp.where(any_valid[..., None], acc_new, acc))
@@ -371,12 +367,23 @@ def _load_kv_block(k_ref, v_ref, j, kv_len):
 
 
 def _split_state(q, k_ref, v_ref, lo, hi, kv_len, b0, b1, cfg):
-    """Online softmax over blocks ``[b0, b1)`` (ascending) from the empty state."""
-    def body(j, state):
-        k, v, kidx = _load_kv_block(k_ref, v_ref, j, kv_len)
-        s, valid = _logits(q, k, kidx, lo, hi, cfg)
-        return _block_step(state, s, valid, v)
-    return lax.fori_loop(b0, b1, body, _empty_state((q.shape[0],), k_ref.shape[-1]))
+    """Online softmax over blocks ``[b0, b1)`` (ascending) from the empty state.
+
+    The blocks are first folded with plain ``p @ v`` dots. Only if the split's accumulator comes out
+    non-finite (a NaN/inf value somewhere, or an overflow) is the split folded again with the
+    guarded dots of ``_pv``, which keep every row exact. One check per split instead of one per
+    block; for finite values both folds give the same bits, so which one ran never shows.
+    """
+    def fold(guarded):
+        def body(j, state):
+            k, v, kidx = _load_kv_block(k_ref, v_ref, j, kv_len)
+            s, valid = _logits(q, k, kidx, lo, hi, cfg)
+            return _block_step(state, s, valid, v, guarded)
+        return lax.fori_loop(b0, b1, body, _empty_state((q.shape[0],), k_ref.shape[-1]))
+
+    state = fold(False)
+    acc_finite = jnp.min(jnp.where(jnp.abs(state[2]) < jnp.inf, 1, 0)) > 0
+    return lax.cond(acc_finite, lambda: state, lambda: fold(True))
 
 
 # ----------------------------------------------------------------------------------------------
