@@ -4,7 +4,7 @@ CPU: run as is; it forces 8 host devices (``XLA_FLAGS=--xla_force_host_platform_
 set here before jax starts unless XLA_FLAGS already names a device count). GPU: uses the visible
 GPUs (degrees above the device count are skipped).
 
-    PYTHONPATH=. python scripts/multidevice_check.py [--json] [--only dp,tp,grad,gen,neg]
+    PYTHONPATH=. python scripts/multidevice_check.py [--json] [--only dp,tp,grad,tpgrad,gen,neg]
     PYTHONPATH=. python scripts/multidevice_check.py --bench [--bench-size medium] [--only none]
 
 Prints a table (check, degree, bitwise equal, max |diff|, seconds); ``--json`` adds one JSON line
@@ -25,6 +25,10 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+# Pallas registers a config flag when it first imports its fuser, in the middle of the first
+# trace, which changes every later jit cache key: importing it first lets TP degree 1 reuse the
+# single-device program compiled just before (tp_value_and_grad runs dp_value_and_grad's jit).
+import jax.experimental.pallas.fuser  # noqa: E402,F401
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
@@ -142,6 +146,87 @@ def check_grad(model, n):
         record("grad_dp_vs_single", d, eq, md, time.time() - t0)
 
 
+def tp_grad_config():
+    # one (sliding-window) layer: every TP code path once, at half the compile time of two
+    return test_config().replace(num_layers=1)
+
+
+def check_tp_grad(n):
+    """TP (and DP x TP) training: loss, gradients and one SGD step bitwise equal to one device."""
+    model = Transformer(tp_grad_config(), rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(3)
+    toks = rng.integers(0, model.config.vocab_size, (4, 10)).astype(np.int32)
+    toks[0, 5] = toks[1, 7] = toks[0, 1]     # repeated tokens: the embedding scatter-add sums
+    bs, lr = 2, 0.05
+    t0 = time.time()
+    mesh1 = par.make_mesh(1, 1)
+    ref_loss, ref_g, ref_new = par.dp_train_step(model, toks, mesh1, lr=lr, block_size=bs)
+    ref = (np.asarray(ref_loss), jax.tree.map(np.asarray, ref_g))
+    ref_new = jax.tree.map(np.asarray, nnx.state(ref_new, nnx.Param))
+    moved = any(not compare(a, b)[0] for a, b in zip(jax.tree.leaves(ref_new),
+                                                      jax.tree.leaves(nnx.state(model, nnx.Param))))
+    print(f"  (single-device reference: {time.time() - t0:.1f}s, SGD moved the parameters: "
+          f"{moved})", flush=True)
+    setups = [("tp_grad", t, par.make_mesh(1, t)) for t in degrees(n)]
+    if n >= 8 and not QUICK:
+        setups.append(("dp2xtp4_grad", "2x4", par.make_mesh(2, 4)))
+    for name, deg, mesh in setups:
+        t0 = time.time()
+        pm = par.tensor_parallel(model, mesh)
+        last = deg == max(degrees(n))
+        if last:   # the largest degree through tp_train_step: gradients and the updated parameters
+            loss, g, new_pm = par.tp_train_step(pm, toks, lr=lr, block_size=bs)
+        else:
+            loss, g = par.tp_value_and_grad(pm, toks, block_size=bs)
+        eq, md = tree_compare((np.asarray(loss), jax.tree.map(np.asarray, g)), ref)
+        note = ""
+        if pm.tp > 1:
+            bad = par.float_allreduces(par.tp_grad_hlo(pm, toks, block_size=bs))
+            note = f"float all-reduces: {len(bad)}"
+            eq = eq and not bad
+        record(name, deg, eq, md, time.time() - t0, note=note)
+        if last:
+            t0 = time.time()
+            new = jax.tree.map(np.asarray, nnx.state(par.unshard(new_pm), nnx.Param))
+            eq, md = tree_compare(new, ref_new)
+            record("tp_train_step", deg, eq and moved, md, time.time() - t0,
+                   note="updated parameters vs dp_train_step on one device")
+            t0 = time.time()
+            again = par.tp_value_and_grad(pm, toks, block_size=bs)
+            eq, md = tree_compare((np.asarray(again[0]), jax.tree.map(np.asarray, again[1])), ref)
+            record("tp_grad_run_to_run", deg, eq, md, time.time() - t0)
+    if not QUICK and n >= 2:
+        # the whole TP training with Megatron's backward (psum of the input-gradient partials)
+        t0 = time.time()
+        pm = par.tensor_parallel(model, par.make_mesh(1, 2))
+        loss, g = par.tp_value_and_grad(pm, toks, block_size=bs, grad_reduce="psum")
+        eq, md = tree_compare((np.asarray(loss), jax.tree.map(np.asarray, g)), ref)
+        bad = par.float_allreduces(par.tp_grad_hlo(pm, toks, block_size=bs, grad_reduce="psum"))
+        record("neg_psum_tp_grad", 2, eq, md, time.time() - t0, expect=False,
+               note=f"float all-reduces: {len(bad)} (psum TP backward must differ)")
+
+
+def check_negative_grad(n):
+    """Plain autodiff of a tensor-parallel projection inserts a float psum (Megatron's backward):
+    it must show in the HLO and move the bits of the input gradient."""
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((16, 64)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((64, 1024)), jnp.float32)
+    c = jnp.asarray(rng.standard_normal((16, 1024)), jnp.float32)
+    ref = jax.jit(lambda x, w, c: jax.vjp(lambda x_: ops.matmul(x_, w), x)[1](c)[0])(x, w, c)
+    for t in [d for d in degrees(n) if d > 1]:     # < 1 s each: every degree, also in --quick
+        t0 = time.time()
+        mesh = par.make_mesh(1, t)
+        colpar = jax.shard_map(ops.matmul, mesh=mesh, in_specs=(P(), P(None, par.MODEL)),
+                               out_specs=P(None, par.MODEL), check_vma=False)
+        f = jax.jit(lambda x, w, c: jax.vjp(lambda x_: colpar(x_, w), x)[1](c)[0])
+        out = f(x, w, c)
+        bad = par.float_allreduces(f.lower(x, w, c).compile().as_text())
+        eq, d = compare(out, ref)
+        record("neg_autodiff_tp_grad_mm", t, eq, d, time.time() - t0, expect=False,
+               note=f"float all-reduces: {len(bad)}")
+
+
 def check_generate(model, n):
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14], [3], [200, 100, 50]]
     kw_list = [("greedy", dict()), ("sampled", dict(temperature=0.8, top_k=20, top_p=0.9, seed=3))]
@@ -256,8 +341,9 @@ def bench(n, size, reps):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print one JSON summary line at the end")
-    ap.add_argument("--only", default="dp,tp,grad,gen,neg",
-                    help="comma list of checks: dp,tp,grad,gen,neg ('none' for bench only)")
+    ap.add_argument("--only", default="dp,tp,grad,tpgrad,gen,neg",
+                    help="comma list of checks: dp,tp,grad,tpgrad,gen,neg ('none' for bench "
+                         "only)")
     ap.add_argument("--bench", action="store_true", help="time TP=1 vs TP=n vs psum TP")
     ap.add_argument("--bench-size", default=None, choices=sorted(BENCH_SIZES))
     ap.add_argument("--reps", type=int, default=10)
@@ -277,10 +363,13 @@ def main(argv=None):
         check_forward(model, n, which)
     if "grad" in which:
         check_grad(model, n)
+    if "tpgrad" in which:
+        check_tp_grad(n)
     if "gen" in which:
         check_generate(model, n)
     if "neg" in which:
         check_negative(model, n)
+        check_negative_grad(n)
     bench_rows = []
     if a.bench:
         size = a.bench_size or ("medium" if jax.default_backend() == "gpu" else "tiny")
