@@ -141,6 +141,26 @@ TAIL_CONFIG = TileConfig(64, 128, 64, 4, 4)
 _TAIL_COST = 0.4   # time of one wave of TAIL tiles / one wave of big tiles (tile area 1/4, less efficient)
 
 
+# Shared memory the pipeline may use. Triton keeps num_stages - 1 buffered (A, B) tile pairs; the
+# H100 allows 232448 bytes per block (measured: 5 x (16 + 32) x 256 x 4 = 245760 bytes was refused).
+GPU_SMEM_BUDGET = 216 * 1024
+
+
+def fit_shared_memory(cfg: TileConfig, itemsize: int, budget: int = GPU_SMEM_BUDGET) -> TileConfig:
+    """Fewer pipeline stages (then a smaller K tile) until the stages fit in shared memory.
+
+    Only pipelining changes: stages and the K tile move no arithmetic (every configuration gives
+    the same bits), so a tile tuned for bf16 also serves f32 inputs.
+    """
+    def need(c):
+        return max(c.num_stages - 1, 1) * (c.block_m + c.block_n) * c.block_k * itemsize
+    while need(cfg) > budget and cfg.num_stages > 2:
+        cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
+    while need(cfg) > budget and cfg.block_k > MATMUL_BLOCK_K:
+        cfg = dataclasses.replace(cfg, block_k=cfg.block_k // 2)
+    return cfg
+
+
 def _num_sms() -> int:
     try:
         return int(getattr(jax.devices()[0], "core_count", 0)) or 132
@@ -202,6 +222,8 @@ def matmul_kernel_call(a, b, *, transpose_b=False, out_dtype=None, precision="hi
         if auto:
             split_rows = gpu_split_rows(B, M, N, cfg)
         tail = tail_config or TAIL_CONFIG
+        cfg = fit_shared_memory(cfg, a.dtype.itemsize)
+        tail = fit_shared_memory(tail, a.dtype.itemsize)
     else:
         cfg = TileConfig(INTERPRET_BLOCK_M, INTERPRET_BLOCK_N)
         tail = cfg

@@ -215,3 +215,14 @@ def test_split_plan_targets_wave_quantisation():
     for m, n in [(4096, 2048), (8192, 8192), (4096, 9216), (1024, 4096), (4096, 4096)]:
         assert mm.gpu_split_rows(1, m, n, lw, sms=132) is None, (m, n)
     assert mm.gpu_split_rows(2, 4096, 2304, lw, sms=132) is None      # batched: one launch
+
+
+def test_gpu_tiles_fit_shared_memory_for_every_dtype():
+    """A tile tuned for bf16 is shrunk (stages, then K tile) to fit f32 inputs' shared memory."""
+    for name, cfg in list(mm.GPU_CONFIGS.items()) + [("tail", mm.TAIL_CONFIG)]:
+        assert mm.fit_shared_memory(cfg, 2) == cfg, name            # bf16 tiles fit as tuned
+        f32 = mm.fit_shared_memory(cfg, 4)
+        assert (f32.block_m, f32.block_n, f32.num_warps) == (cfg.block_m, cfg.block_n, cfg.num_warps)
+        assert max(f32.num_stages - 1, 1) * (f32.block_m + f32.block_n) * f32.block_k * 4 \
+            <= mm.GPU_SMEM_BUDGET, name
+    assert mm.fit_shared_memory(mm.GPU_CONFIGS["small_deep"], 4).num_stages < 6
