@@ -302,17 +302,19 @@ def _block_step(state, s, valid, v, guarded=True):
     """Fold one KV block into a row state. Rows with no valid key keep their state bitwise.
 
     A NaN logit at a valid key makes the row's state NaN (so the output is NaN, as in IEEE
-    arithmetic); it is detected explicitly because GPU ``max`` reductions drop NaN.
+    arithmetic). GPU ``max`` reductions drop NaN, so NaN is read from the row sum instead, which
+    propagates it: no extra reduction per block.
     """
     m, l, acc = state
-    row_nan = jnp.max(jnp.where(s != s, 1, 0), axis=-1) > 0   # s is -inf outside the interval
-    m_blk = jnp.where(row_nan, jnp.nan, jnp.max(jnp.where(s != s, -jnp.inf, s), axis=-1))
-    any_valid = (m_blk > -jnp.inf) | row_nan
+    m_blk = jnp.max(s, axis=-1)                  # s is -inf outside the interval
     m_new = _nan_max(m, m_blk)
-    m_use = jnp.where(any_valid, m_new, 0.0)  # finite wherever it is used (or NaN: NaN row)
+    m_use = jnp.where(m_new > -jnp.inf, m_new, jnp.where(m_new != m_new, m_new, 0.0))
     p = jnp.where(valid, jnp.exp(s - m_use[..., None]), 0.0)
     alpha = jnp.where(m == -jnp.inf, 0.0, jnp.exp(m - m_use))
     l_new = alpha * l + jnp.sum(p, axis=-1)
+    row_nan = l_new != l_new                     # a NaN logit (or a NaN state) in this row
+    any_valid = (m_blk > -jnp.inf) | row_nan
+    m_new = jnp.where(row_nan, jnp.nan, m_new)
     pv = _pv(p, v, jnp.broadcast_to(valid, p.shape), guarded)
     acc_new = acc * alpha[..., None] + pv
     return (jnp.where(any_valid, m_new, m), jnp.where(any_valid, l_new, l),
