@@ -520,3 +520,32 @@ def test_rsqrt_lane_dependence_control_and_fix():
     assert batch_invariant(d, x, rows=(0, 3, 6), sub=0)
     assert_close(d(x), f(x), rtol=1e-6, atol=0)
     assert "rsqrt" in [r.primitive for r in d.explain(x).replaced]
+
+
+def _u32(a):
+    return np.asarray(a).view(np.uint32)
+
+
+def test_isolated_bits_do_not_depend_on_array_size():
+    """XLA:CPU's log of a [5] array differed from the same value in a [1] or [8] array (long fuzz:
+    deterministic(logsumexp), row 1 of 5 vs alone). ``isolated`` must give one value per input."""
+    vals = jnp.asarray(np.abs(np.random.default_rng(0).standard_normal(1040)) * 100 + 0.1, jnp.float32)
+    iso = jax.jit(lambda v: dops.isolated(jnp.log, v))
+    ref = _u32(iso(vals))
+    for n in (1, 3, 5, 7, 9):
+        got = np.concatenate([_u32(iso(vals[i:i + n])) for i in range(0, 1040 - n, n)])
+        assert np.array_equal(got, ref[:len(got)]), f"size {n}"
+    if jax.default_backend() == "cpu":   # negative control: barriers alone are not enough there
+        bare = jax.jit(lambda v: lax.optimization_barrier(jnp.log(lax.optimization_barrier(v))))
+        got = np.concatenate([_u32(bare(vals[i:i + 5])) for i in range(0, 1035, 5)])
+        assert not np.array_equal(got, ref[:len(got)])
+
+
+def test_deterministic_logsumexp_fuzz_case_batch_invariant():
+    """The long-fuzz case that found it (f32 x[5, 130], data seed 4968), row by row."""
+    from conftest import reliability_module
+    x = reliability_module()._randn(np.random.default_rng(4968), (5, 130), jnp.float32)
+    f = jax.jit(deterministic(lambda x: jax.nn.logsumexp(x, axis=-1)))
+    out = f(x)
+    for i in range(5):
+        assert np.array_equal(_u32(f(x[i:i + 1])[0]), _u32(out[i])), i
