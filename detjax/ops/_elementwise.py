@@ -59,6 +59,9 @@ def _cpu_padded(fn, args):
     flat = [jnp.broadcast_to(a, shape).reshape(n) for a in arrs]
     if npad != n:
         flat = [jnp.pad(f, (0, npad - n), mode="edge") for f in flat]
-    flat = [lax.optimization_barrier(f) for f in flat]
+    # [rows, CPU_PAD]: XLA:CPU vectorises along the minor dimension and splits work between threads
+    # along the major one, so with a minor dimension of exactly CPU_PAD no element is ever in a
+    # scalar tail (a flat 1-D array was seen split at sizes that left tails).
+    flat = [lax.optimization_barrier(f.reshape(npad // CPU_PAD, CPU_PAD)) for f in flat]
     y = lax.optimization_barrier(fn(*flat))
-    return y[:n].reshape(shape)
+    return y.reshape(npad)[:n].reshape(shape)
