@@ -1480,6 +1480,18 @@ def _build_bad_inputs():
                 defect=None)
     # ---- rms_norm
     s4 = _x((4,))
+    tbl = jnp.ones((4, 3), jnp.float32)
+    add("embedding_lookup", "float ids", lambda: ops.embedding_lookup(tbl, jnp.ones((2,))),
+        (TE, r"ids must be an integer"))
+    add("embedding_lookup", "integer table", lambda: ops.embedding_lookup(jnp.ones((4, 3), jnp.int32),
+                                                                          jnp.ones((2,), jnp.int32)),
+        (TE, r"table"))
+    add("embedding_lookup", "scalar table", lambda: ops.embedding_lookup(jnp.float32(1), jnp.ones((2,), jnp.int32)),
+        (VE, r"table must have rank"))
+    add("embedding_lookup", "id past the table", lambda: ops.embedding_lookup(tbl, jnp.array([4], jnp.int32)),
+        returns=lambda r: bool(np.isnan(r).all()), expected="a NaN row, like jnp.take")
+    add("embedding_lookup", "empty ids", lambda: ops.embedding_lookup(tbl, jnp.zeros((0,), jnp.int32)),
+        returns=lambda r: r.shape == (0, 3), expected="an empty result")
     add("isolated", "fn not callable", lambda: ops.isolated(3, x), (TE, r"fn must be a callable"))
     add("isolated", "no array arguments", lambda: ops.isolated(jnp.tanh), (TE, r"array arguments"))
     add("isolated", "NaN and +-inf", lambda: ops.isolated(jnp.tanh, _arr([jnp.nan, jnp.inf, -jnp.inf])),

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from detjax.nn._impl import check_impl, ops
+from detjax.nn._impl import check_impl, current_impl, ops
+from detjax.ops._gather import embedding_lookup
 
 __all__ = ["Linear", "Einsum", "Embed", "RMSNorm", "Attention", "FeedForward", "Block",
            "apply_rope", "set_implementation"]
@@ -90,7 +91,10 @@ class Embed(nnx.Module):
 
     def __call__(self, tokens):
         e = self.embedding[...]
-        y = jnp.take(e, tokens, axis=0)
+        if current_impl(self.impl) == "xla":
+            y = jnp.take(e, tokens, axis=0)           # XLA's gradient: scatter-add (atomics on GPU)
+        else:
+            y = embedding_lookup(e, tokens)           # same rows; run-to-run deterministic gradient
         return _dt(y, self.dtype)
 
     def attend(self, x):
