@@ -61,7 +61,8 @@ def bench_matmul(rows, iters, quick, sweep=None):
                    ("2B up 4096x2304x9216", 4096, 2304, 9216),
                    ("2B down 4096x9216x2304", 4096, 9216, 2304),
                    ("2B unembed 8x2304x256000", 8, 2304, 256000),
-                   ("2B up decode 8x2304x9216", 8, 2304, 9216)]
+                   ("2B up decode 8x2304x9216", 8, 2304, 9216),
+                   ("2B down decode 8x9216x2304", 8, 9216, 2304)]
     for name, m, k, n in shapes:
         ka, kb = jax.random.split(jax.random.fold_in(key, m * 7 + n))
         a = jax.random.normal(ka, (m, k), jnp.bfloat16)
