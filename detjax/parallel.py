@@ -68,6 +68,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from detjax.generate import GenerationResult
+from detjax.ops._gather import embedding_lookup
 from detjax.generate import generate as _generate
 from detjax.nn._impl import ops as _ops
 from detjax.nn._layers import _compute_dtype, _dt, apply_rope
@@ -344,7 +345,9 @@ class _Local:
         e = emb.embedding[...]                                      # [V / tp, D]
         vl = e.shape[0]
         local = tokens - jax.lax.axis_index(self.m) * vl
-        rows = jnp.take(e, jnp.clip(local, 0, vl - 1), axis=0)      # [B, T, D]
+        local = jnp.where((local >= 0) & (local < vl), local, vl)  # not ours: a NaN row, no grad
+        rows = embedding_lookup(e, local)                           # [B, T, D]; same grad rows
+        #                                                             as the whole table's lookup
         every = jax.lax.all_gather(rows, self.m, axis=0)            # [tp, B, T, D]
         owner = (tokens // vl)[None, ..., None]
         y = jnp.take_along_axis(every, owner, axis=0)[0]            # the owner's row: a copy

@@ -34,8 +34,9 @@ def test_forward_is_take_and_gradient_close_and_repeatable(rng, dtype):
     tol = {jnp.dtype(jnp.float32): 1e-6, jnp.dtype(jnp.float16): 2e-3, jnp.dtype(jnp.bfloat16): 1e-2}
     err = np.max(np.abs(np.asarray(a, np.float64) - exact)) / np.max(np.abs(exact))
     assert err < tol[jnp.dtype(dtype)], err
-    assert np.allclose(np.asarray(a, np.float32), np.asarray(ref, np.float32),
-                       rtol=tol[jnp.dtype(dtype)], atol=tol[jnp.dtype(dtype)])
+    ref_err = np.max(np.abs(np.asarray(ref, np.float64) - exact)) / np.max(np.abs(exact))
+    # as close as XLA's f32 scatter-add, up to the one rounding to the table's dtype
+    assert err <= max(2 * ref_err, float(jnp.finfo(dtype).eps)), (err, ref_err)
 
 
 def test_out_of_range_ids_like_take(rng):
@@ -58,6 +59,19 @@ def test_gradient_order_fixed_whatever_the_position_of_repeats(rng):
     perm = jnp.array([0, 3, 2, 5, 4, 1])                          # id-4 rows keep their order
     b = grad(ids[perm], g[perm])
     assert_bitwise_equal(a[4], b[4], "id 4")
+
+
+def test_vocabulary_shard_gets_the_same_gradient_rows(rng):
+    """A shard of the table (other ids mapped out of range) gets bitwise the whole table's rows."""
+    table = randn(rng, (40, 8), jnp.float32)
+    ids = _ids(rng, (4, 33), 40)
+    g = randn(rng, (4, 33, 8), jnp.float32)
+    full = jax.grad(lambda t: jnp.vdot(jnp.nan_to_num(ops.embedding_lookup(t, ids)), g))(table)
+    for lo, hi in [(0, 10), (10, 20), (20, 40)]:
+        local = ids - lo
+        local = jnp.where((local >= 0) & (local < hi - lo), local, hi - lo)
+        part = jax.grad(lambda t: jnp.vdot(jnp.nan_to_num(ops.embedding_lookup(t, local)), g))(table[lo:hi])
+        assert_bitwise_equal(part, full[lo:hi], f"rows {lo}:{hi}")
 
 
 @pytest.mark.parametrize("call, exc, words", [

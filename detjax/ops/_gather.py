@@ -7,13 +7,15 @@ H200s: 4.8e-7 between two runs of the same program). ``embedding_lookup`` has th
 backward with a fixed order:
 
 1. the ids are sorted by a stable sort (ties keep their position order);
-2. the cotangent rows, in that order, are summed per run of equal ids by a segmented
-   ``lax.associative_scan`` in float32 (a fixed tree of adds, no atomics);
-3. each id's total (at the end of its run) is written to its row with a scatter whose indices are
-   unique (rows of other positions go to a discarded extra row); untouched rows are 0.
+2. the cotangent rows of each run of equal ids are summed in float32 by a pairwise tree over their
+   rank in the run (rank 0 = the id's first position): ``((g0 + g1) + (g2 + g3)) + ...``, no atomics;
+3. each id's total (at rank 0) is written to its row with a scatter whose indices are unique (rows
+   of other positions go to a discarded extra row); untouched rows are 0.
 
-The order depends on which ids the batch holds (like any weight gradient it sums over the batch);
-it never depends on the scheduler.
+An id's gradient depends only on its own positions' cotangents, in position order: not on the other
+ids of the batch, and not on the table's size, so a vocabulary shard of the table gets bitwise the
+rows of the whole table's gradient (tensor parallelism relies on it). It never depends on the
+scheduler.
 """
 
 from __future__ import annotations
@@ -54,12 +56,6 @@ def _fwd(table, ids):
     return _lookup(table, ids), (ids, jnp.zeros((table.shape[0], 0), table.dtype))
 
 
-def _seg_add(a, b):
-    fa, va = a
-    fb, vb = b
-    return fa | fb, jnp.where(fb, vb, va + vb)
-
-
 def _bwd(res, g):
     ids, marker = res
     V, dtype = marker.shape[0], marker.dtype
@@ -68,18 +64,29 @@ def _bwd(res, g):
     flat = jnp.where(flat < 0, flat + V, flat)
     flat = jnp.where((flat >= 0) & (flat < V), flat, V)   # out of range: no gradient (row V)
     n = flat.shape[0]
-    rows = g.reshape((n,) + shape[1:]).astype(jnp.float32)
     if n == 0:
         return jnp.zeros(shape, dtype), None
+    rows = g.reshape((n,) + shape[1:]).astype(jnp.float32)
     order = jnp.argsort(flat, stable=True)
     ts = flat[order]
     gs = rows[order]
-    start = jnp.concatenate([jnp.ones((1,), bool), ts[1:] != ts[:-1]])
-    end = jnp.concatenate([ts[1:] != ts[:-1], jnp.ones((1,), bool)])
+    pos = jnp.arange(n, dtype=jnp.int32)
+    first = jnp.concatenate([jnp.ones((1,), bool), ts[1:] != ts[:-1]])
+    rank = pos - lax.cummax(jnp.where(first, pos, 0))      # position within the run of equal ids
     bshape = (n,) + (1,) * (len(shape) - 1)
-    _, sums = lax.associative_scan(_seg_add, (start.reshape(bshape), gs), axis=0)
-    idx = jnp.where(end, ts, V)                       # one writer per id; the rest to row V
-    out = jnp.zeros((V + 1,) + tuple(shape[1:]), jnp.float32).at[idx].set(sums)
+    # Pairwise tree over the rank, anchored at each run's start: in round k, rank r (a multiple of
+    # 2^(k+1)) absorbs the partial sum at rank r + 2^k of the same id. The association depends only
+    # on how many times the id occurs, never on where its run sits in the sorted array (so a
+    # vocabulary shard, which sorts fewer ids, builds the same tree as the whole table).
+    step = 1
+    while step < n:
+        other = jnp.concatenate([gs[step:], jnp.zeros((step,) + gs.shape[1:], gs.dtype)])
+        other_id = jnp.concatenate([ts[step:], jnp.full((step,), -1, ts.dtype)])
+        take = (rank % (2 * step) == 0) & (other_id == ts)
+        gs = jnp.where(take.reshape(bshape), gs + other, gs)
+        step *= 2
+    idx = jnp.where(first, ts, V)                     # one writer per id (its rank 0); rest to row V
+    out = jnp.zeros((V + 1,) + tuple(shape[1:]), jnp.float32).at[idx].set(gs)
     return out[:V].astype(dtype), None
 
 
