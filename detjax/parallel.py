@@ -600,12 +600,12 @@ def dp_train_step(model, tokens, mesh: Mesh, *, lr: float = 1e-2, block_size: in
 #   devices): the backward gathers the group's queries and output cotangents and runs the
 #   single-device attention backward of the whole group, so dK/dV (summed over the group inside
 #   the kernel) come out whole and identical on the ``r`` devices holding copies of the KV head.
-# * ``_owner_rows`` (embedding lookup): each device looks its own tokens up (``jnp.take`` of the
-#   local rows, other tokens out of range: dropped by the scatter-add of the backward), the owner's
-#   row is copied to every device; backward: each device keeps the cotangent of its own tokens.
-#   The local ``take``'s scatter-add then has the single-device structure (XLA folds it into the
-#   unembedding gradient, ``add(scatter(0, ...), dE) -> scatter(dE, ...)``, in both programs: a
-#   row's repeated tokens are added one by one onto the same value, in the same order).
+# * ``_owner_rows`` (embedding lookup): each device looks its own tokens up
+#   (``ops.embedding_lookup`` of the local rows, other tokens out of range: no gradient), the
+#   owner's row is copied to every device; backward: each device keeps the cotangent of its own
+#   tokens. ``embedding_lookup``'s gradient sums each id's cotangents by a tree over the id's own
+#   occurrences, so a vocabulary shard gets bitwise the single-device rows (XLA's scatter-add used
+#   atomics on the GPU and changed run to run).
 
 def _gather(x, axis_name, axis):
     return jax.lax.all_gather(x, axis_name, axis=axis % x.ndim, tiled=True)
@@ -807,7 +807,7 @@ class _LocalTrain(_Local):
         vl = e.shape[0]
         local = tokens - jax.lax.axis_index(self.m) * vl
         local = jnp.where((local >= 0) & (local < vl), local, vl)           # others: out of range
-        rows = jnp.take(e, local, axis=0, mode="fill", fill_value=0)
+        rows = embedding_lookup(e, local)       # NaN rows for others' tokens (never selected)
         y = _owner_rows(self.m, rows, tokens // vl)
         if emb.dtype is not None:
             y = y.astype(emb.dtype)
