@@ -341,21 +341,7 @@ class _Local:
     def _embed(self, model, tokens):
         if self.m is None:
             return model._embed(tokens)
-        emb = model.embedder
-        e = emb.embedding[...]                                      # [V / tp, D]
-        vl = e.shape[0]
-        local = tokens - jax.lax.axis_index(self.m) * vl
-        local = jnp.where((local >= 0) & (local < vl), local, vl)  # not ours: a NaN row, no grad
-        rows = embedding_lookup(e, local)                           # [B, T, D]; same grad rows
-        #                                                             as the whole table's lookup
-        every = jax.lax.all_gather(rows, self.m, axis=0)            # [tp, B, T, D]
-        owner = (tokens // vl)[None, ..., None]
-        y = jnp.take_along_axis(every, owner, axis=0)[0]            # the owner's row: a copy
-        if emb.dtype is not None:
-            y = y.astype(emb.dtype)
-        if self.cfg.embed_scale_by_sqrt_dim:
-            y = y * jnp.asarray(math.sqrt(self.cfg.d_model), y.dtype)
-        return y
+        return _vocab_sharded_embed(model, tokens, self.m, self.cfg)
 
     def _attn(self, attn, x, positions, lengths):
         q, k, v = attn._qkv(x, positions)
@@ -709,6 +695,23 @@ def _group_attention_bwd(f, axis_name, group, res, do):
 _group_attention.defvjp(_group_attention_fwd, _group_attention_bwd)
 
 
+def _vocab_sharded_embed(model, tokens, axis_name, cfg):
+    """The embedding of ``tokens`` from a vocabulary-sharded table: each device looks up the tokens
+    it owns (``ops.embedding_lookup``: the others are out of range, NaN rows with no gradient), and
+    the owner's row is copied to every device (``_owner_rows``)."""
+    emb = model.embedder
+    e = emb.embedding[...]                                              # [V / tp, D]
+    vl = e.shape[0]
+    local = tokens - jax.lax.axis_index(axis_name) * vl
+    local = jnp.where((local >= 0) & (local < vl), local, vl)
+    y = _owner_rows(axis_name, embedding_lookup(e, local), tokens // vl)
+    if emb.dtype is not None:
+        y = y.astype(emb.dtype)
+    if cfg.embed_scale_by_sqrt_dim:
+        y = y * jnp.asarray(math.sqrt(cfg.d_model), y.dtype)
+    return y
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _owner_rows(axis_name, rows, owner):
     every = jax.lax.all_gather(rows, axis_name, axis=0)                 # [tp, B, T, D]
@@ -802,18 +805,7 @@ class _LocalTrain(_Local):
     def _embed(self, model, tokens):
         if self.m is None:
             return model._embed(tokens)
-        emb = model.embedder
-        e = emb.embedding[...]                                              # [V / tp, D]
-        vl = e.shape[0]
-        local = tokens - jax.lax.axis_index(self.m) * vl
-        local = jnp.where((local >= 0) & (local < vl), local, vl)           # others: out of range
-        rows = embedding_lookup(e, local)       # NaN rows for others' tokens (never selected)
-        y = _owner_rows(self.m, rows, tokens // vl)
-        if emb.dtype is not None:
-            y = y.astype(emb.dtype)
-        if self.cfg.embed_scale_by_sqrt_dim:
-            y = y * jnp.asarray(math.sqrt(self.cfg.d_model), y.dtype)
-        return y
+        return _vocab_sharded_embed(model, tokens, self.m, self.cfg)
 
     def _qkv(self, attn, x, positions):
         r = self.r

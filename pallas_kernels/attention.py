@@ -283,16 +283,28 @@ def _pv(p, v, valid, guarded=True):
     if not guarded:
         return _dot_nn(p.astype(v.dtype), v, prec)
     finite = jnp.abs(v) < jnp.inf   # False for NaN and +-inf
-    v_fin = jnp.where(finite, v, jnp.zeros_like(v))
-    pv = _dot_nn(p.astype(v.dtype), v_fin, prec)
-    code = jnp.where(v != v, _NAN_CODE,
-                     jnp.where(v == jnp.inf, _PINF_CODE,
-                               jnp.where(v == -jnp.inf, _NINF_CODE, 0.0))).astype(v.dtype)
-    cnt = _dot_nn(valid.astype(v.dtype), code, prec)        # exact small integers in f32
-    n_ninf = jnp.floor(cnt / _NINF_CODE)
-    rest = cnt - n_ninf * _NINF_CODE
-    n_pinf = jnp.floor(rest / _PINF_CODE)
-    n_nan = rest - n_pinf * _PINF_CODE
+    pv = _dot_nn(p.astype(v.dtype), jnp.where(finite, v, jnp.zeros_like(v)), prec)
+    codes = (_NAN_CODE, _PINF_CODE, _NINF_CODE)
+    cnt = _dot_nn(valid.astype(v.dtype), nonfinite_code(v, codes), prec)   # exact small integers
+    return apply_nonfinite_counts(pv, cnt, codes)
+
+
+def nonfinite_code(v, codes):
+    """Per element of ``v``: ``codes[0]`` for NaN, ``codes[1]`` for +inf, ``codes[2]`` for -inf,
+    0 for finite values, in ``v``'s dtype (the codes are powers of two: exact)."""
+    nan_c, pinf_c, ninf_c = codes
+    return jnp.where(v != v, nan_c, jnp.where(v == jnp.inf, pinf_c,
+                                              jnp.where(v == -jnp.inf, ninf_c, 0.0))).astype(v.dtype)
+
+
+def apply_nonfinite_counts(pv, cnt, codes):
+    """``pv`` with the IEEE result where ``cnt = valid @ nonfinite_code(v)`` counts non-finite
+    values among a row's valid keys: NaN for a NaN or both infinities, else the infinity."""
+    _, pinf_c, ninf_c = codes
+    n_ninf = jnp.floor(cnt / ninf_c)
+    rest = cnt - n_ninf * ninf_c
+    n_pinf = jnp.floor(rest / pinf_c)
+    n_nan = rest - n_pinf * pinf_c
     out = jnp.where(n_pinf > 0, jnp.inf, pv)
     out = jnp.where(n_ninf > 0, -jnp.inf, out)
     return jnp.where((n_nan > 0) | ((n_pinf > 0) & (n_ninf > 0)), jnp.nan, out)
@@ -321,10 +333,14 @@ def _block_step(state, s, valid, v, guarded=True):
             jnp.where(any_valid[..., None], acc_new, acc))
 
 
-def _merge_states(total, part):
-    """Merge a split state into the running total (ascending split order is the caller's job)."""
+def _merge_states(total, part, widen=lambda x, hp: x[..., None]):
+    """Merge a split state into the running total (ascending split order is the caller's job).
+
+    ``widen(x, hp)`` turns a per-row value into the accumulator's shape (the TPU lowering keeps
+    per-row values replicated across lanes and passes its own)."""
     m, l, acc = total
     mc, lc, accc = part
+    hp = acc.shape[-1]
     t_empty = m == -jnp.inf
     c_empty = mc == -jnp.inf
     both = jnp.logical_not(t_empty | c_empty)
@@ -333,10 +349,10 @@ def _merge_states(total, part):
     a = jnp.where(both, jnp.exp(jnp.where(both, m, 0.0) - m_use), 0.0)
     b = jnp.where(both, jnp.exp(jnp.where(both, mc, 0.0) - m_use), 0.0)
     l_new = l * a + lc * b
-    acc_new = acc * a[..., None] + accc * b[..., None]
+    acc_new = acc * widen(a, hp) + accc * widen(b, hp)
     m_out = jnp.where(c_empty, m, jnp.where(t_empty, mc, m_new))
     l_out = jnp.where(c_empty, l, jnp.where(t_empty, lc, l_new))
-    acc_out = jnp.where(c_empty[..., None], acc, jnp.where(t_empty[..., None], accc, acc_new))
+    acc_out = jnp.where(widen(c_empty, hp), acc, jnp.where(widen(t_empty, hp), accc, acc_new))
     return m_out, l_out, acc_out
 
 

@@ -214,16 +214,9 @@ def _pv(p, v, valid):
 
     def guarded():
         pv = dot(p, jnp.where(finite, v, jnp.zeros_like(v)))
-        code = jnp.where(v != v, _NAN_CODE, jnp.where(v == jnp.inf, _PINF_CODE,
-                                                      jnp.where(v == -jnp.inf, _NINF_CODE, 0.0)))
-        cnt = dot(valid, code.astype(v.dtype))
-        n_ninf = jnp.floor(cnt / _NINF_CODE)
-        rest = cnt - n_ninf * _NINF_CODE
-        n_pinf = jnp.floor(rest / _PINF_CODE)
-        n_nan = rest - n_pinf * _PINF_CODE
-        out = jnp.where(n_pinf > 0, jnp.inf, pv)
-        out = jnp.where(n_ninf > 0, -jnp.inf, out)
-        return jnp.where((n_nan > 0) | ((n_pinf > 0) & (n_ninf > 0)), jnp.nan, out)
+        codes = (_NAN_CODE, _PINF_CODE, _NINF_CODE)
+        cnt = dot(valid, _k.nonfinite_code(v, codes))
+        return _k.apply_nonfinite_counts(pv, cnt, codes)
 
     return lax.cond(jnp.min(finite.astype(jnp.int32)) > 0, plain, guarded)
 
@@ -254,23 +247,7 @@ def _block_step(state, s, valid, v):
 
 
 def _merge(total, part):
-    m, l, acc = total
-    mc, lc, accc = part
-    hp = acc.shape[-1]
-    t_empty = m == -jnp.inf
-    c_empty = mc == -jnp.inf
-    both = jnp.logical_not(t_empty | c_empty)
-    m_new = _nan_max(m, mc)
-    m_use = jnp.where(both, m_new, 0.0)
-    a = jnp.where(both, jnp.exp(jnp.where(both, m, 0.0) - m_use), 0.0)
-    b = jnp.where(both, jnp.exp(jnp.where(both, mc, 0.0) - m_use), 0.0)
-    l_new = l * a + lc * b
-    acc_new = acc * _wide(a, hp) + accc * _wide(b, hp)
-    m_out = jnp.where(c_empty, m, jnp.where(t_empty, mc, m_new))
-    l_out = jnp.where(c_empty, l, jnp.where(t_empty, lc, l_new))
-    ce, te = _wide(c_empty, hp), _wide(t_empty, hp)
-    acc_out = jnp.where(ce, acc, jnp.where(te, accc, acc_new))
-    return m_out, l_out, acc_out
+    return _k._merge_states(total, part, widen=_wide)
 
 
 def _finalize(state):
