@@ -725,6 +725,28 @@ def cfg_isolated(rng, dtype, p):
                   f, f, gen, ref, TOL["deterministic"][dtype])
 
 
+def cfg_embedding_lookup(rng, dtype, p):
+    """Rows of a table: exact, so the reference is the float64 gather itself (tolerance 0)."""
+    B = int(rng.choice(p["batch"]))
+    V = int(rng.choice([1, 7, 64, 130, 1031]))
+    D = int(rng.choice([1, 3, 16, 130]))
+    T = int(rng.choice([1, 5, 33]))
+
+    def gen(r):
+        ids = r.integers(-V, V, size=(B, T))
+        ids[:, : max(1, T // 3)] = ids[:, :1]                     # repeated ids
+        return [jnp.asarray(ids, jnp.int32)], [_randn(r, (V, D), dtype)]
+
+    def f(ids, table):
+        return ops.embedding_lookup(table, ids)
+
+    def ref(b, c):
+        ids, table = np.asarray(b[0]), to64(c[0])
+        return table[np.where(ids < 0, ids + V, ids)]
+
+    return Config("embedding_lookup", f"table{(V, D)} ids{(B, T)}", dtype, B, f, f, gen, ref, None)
+
+
 OPS: dict[str, Callable] = {
     "matmul": cfg_matmul, "dot_general": cfg_dot_general, "einsum": cfg_einsum,
     **{n: cfg_reduce(n) for n in ("sum", "mean", "max", "min", "logsumexp")},
@@ -734,6 +756,7 @@ OPS: dict[str, Callable] = {
     **{n: cfg_scan(n) for n in ("cumsum", "cumlogsumexp", "cummax", "cummin")},
     "attention": cfg_attention, "decode_attention": cfg_decode_attention,
     "deterministic": cfg_deterministic, "isolated": cfg_isolated,
+    "embedding_lookup": cfg_embedding_lookup,
 }
 #: Public ops with no fuzz configuration yet (reported in fuzz.md / fuzz.json, not fatal).
 UNCOVERED = sorted(set(ops.__all__) - set(OPS))
