@@ -74,3 +74,21 @@ def reliability_module():
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+def plain_attention(q, k, v, *, kv_lengths, causal=True, sliding_window=None, logits_soft_cap=None):
+    """Differentiable float32 attention (XLA, highest precision) with the kernels' masks: the
+    yardstick for attention gradients (GPU/interpret and TPU tests)."""
+    from pallas_kernels import attention as K
+    b, t, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    lo, hi = K.row_bounds(K.default_q_positions(b, t, s), kv_lengths, causal=causal,
+                          sliding_window=sliding_window)
+    kk, vv = (jnp.repeat(x.astype(jnp.float32), n // kh, axis=2) for x in (k, v))
+    logits = jnp.einsum("btnh,bsnh->bnts", q.astype(jnp.float32), kk, precision="highest") / np.sqrt(h)
+    if logits_soft_cap is not None:
+        logits = logits_soft_cap * jnp.tanh(logits / logits_soft_cap)
+    j = jnp.arange(s)
+    valid = ((j >= lo[:, :, None]) & (j < hi[:, :, None]))[:, None]
+    p = jax.nn.softmax(jnp.where(valid, logits, -jnp.inf), axis=-1)
+    return jnp.einsum("bnts,bsnh->btnh", p, vv, precision="highest")

@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import plain_attention
+
 import jax
 import jax.numpy as jnp
 
@@ -285,19 +287,7 @@ def test_non_finite_inputs_follow_ieee_within_the_row_interval(dtype):
 # Gradients
 
 
-def _plain_attention(q, k, v, *, causal, sliding_window, logits_soft_cap, kv_lengths):
-    b, t, n, h = q.shape
-    s, kh = k.shape[1], k.shape[2]
-    pos = K.default_q_positions(b, t, s)
-    lo, hi = K.row_bounds(pos, kv_lengths, causal=causal, sliding_window=sliding_window)
-    kk, vv = (jnp.repeat(x.astype(jnp.float32), n // kh, axis=2) for x in (k, v))
-    logits = jnp.einsum("btnh,bsnh->bnts", q.astype(jnp.float32), kk, precision="highest") / np.sqrt(h)
-    if logits_soft_cap is not None:
-        logits = logits_soft_cap * jnp.tanh(logits / logits_soft_cap)
-    j = jnp.arange(s)
-    valid = ((j >= lo[:, :, None]) & (j < hi[:, :, None]))[:, None]
-    p = jax.nn.softmax(jnp.where(valid, logits, -jnp.inf), axis=-1)
-    return jnp.einsum("bnts,bsnh->btnh", p, vv, precision="highest")
+_plain_attention = plain_attention   # tests/conftest.py
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import DTYPE_IDS, DTYPES, TOL, assert_bitwise_equal, bits, randn, rel_err
+from conftest import (DTYPE_IDS, DTYPES, TOL, assert_bitwise_equal, bits, plain_attention, randn,
+                      rel_err)
 from pallas_kernels import backend as _backend
 from pallas_kernels import tpu
 
@@ -398,20 +399,7 @@ def test_attention_non_finite_stays_in_the_row_interval(rng):
     assert_bitwise_equal(outq, clean, "rows other than the NaN query")
 
 
-def _plain_attention(q, k, v, *, kv_lengths, sliding_window=None, logits_soft_cap=None):
-    """Differentiable float32 causal attention (XLA, highest precision) with the kernels' masks."""
-    b, t, n, h = q.shape
-    s, kh = k.shape[1], k.shape[2]
-    lo, hi = attn_k.row_bounds(attn_k.default_q_positions(b, t, s), kv_lengths, causal=True,
-                               sliding_window=sliding_window)
-    kk, vv = (jnp.repeat(x.astype(jnp.float32), n // kh, axis=2) for x in (k, v))
-    logits = jnp.einsum("btnh,bsnh->bnts", q.astype(jnp.float32), kk, precision="highest") / np.sqrt(h)
-    if logits_soft_cap is not None:
-        logits = logits_soft_cap * jnp.tanh(logits / logits_soft_cap)
-    j = jnp.arange(s)
-    valid = ((j >= lo[:, :, None]) & (j < hi[:, :, None]))[:, None]
-    p = jax.nn.softmax(jnp.where(valid, logits, -jnp.inf), axis=-1)
-    return jnp.einsum("bnts,bsnh->btnh", p, vv, precision="highest")
+_plain_attention = plain_attention   # tests/conftest.py
 
 
 def test_attention_gradients(rng):
