@@ -350,13 +350,7 @@ class _Local:
         return self._row_parallel(attn.o_proj, o, axis=2), (k, v)
 
     def _attn_decode(self, attn, x, k_cache, v_cache, lengths):
-        t = x.shape[1]
-        positions = lengths[:, None].astype(jnp.int32) + jnp.arange(t, dtype=jnp.int32)[None, :]
-        q, k, v = attn._qkv(x, positions)
-        upd = jax.vmap(lambda c, new, s: jax.lax.dynamic_update_slice_in_dim(c, new, s, axis=0))
-        k_cache = upd(k_cache, k.astype(k_cache.dtype), lengths)
-        v_cache = upd(v_cache, v.astype(v_cache.dtype), lengths)
-        o = _ops(attn.impl).decode_attention(q, k_cache, v_cache, lengths + t, **attn._opts())
+        o, k_cache, v_cache = attn.decode_heads(x, k_cache, v_cache, lengths)
         return self._row_parallel(attn.o_proj, o, axis=2), k_cache, v_cache
 
     def _mlp(self, mlp, x):

@@ -198,14 +198,20 @@ class Attention(nnx.Module):
         """``x: [B, Tq, D]``: the tokens at positions ``lengths[b] .. lengths[b] + Tq - 1``. Writes
         their keys/values into the caches ``[B, max_len, K, H]`` and attends. Returns
         ``(y, k_cache, v_cache)``; the new valid length is ``lengths + Tq``."""
-        b, t = x.shape[:2]
+        o, k_cache, v_cache = self.decode_heads(x, k_cache, v_cache, lengths)
+        return self.o_proj(o), k_cache, v_cache
+
+    def decode_heads(self, x, k_cache, v_cache, lengths):
+        """``decode`` before the output projection: ``(o [B, Tq, N, H], k_cache, v_cache)`` (the
+        tensor-parallel model applies its own row-parallel output projection to ``o``)."""
+        t = x.shape[1]
         positions = lengths[:, None].astype(jnp.int32) + jnp.arange(t, dtype=jnp.int32)[None, :]
         q, k, v = self._qkv(x, positions)
         upd = jax.vmap(lambda c, new, s: jax.lax.dynamic_update_slice_in_dim(c, new, s, axis=0))
         k_cache = upd(k_cache, k.astype(k_cache.dtype), lengths)
         v_cache = upd(v_cache, v.astype(v_cache.dtype), lengths)
         o = ops(self.impl).decode_attention(q, k_cache, v_cache, lengths + t, **self._opts())
-        return self.o_proj(o), k_cache, v_cache
+        return o, k_cache, v_cache
 
 
 class FeedForward(nnx.Module):
