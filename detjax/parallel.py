@@ -58,7 +58,6 @@ data-parallel (DP) nor the tensor-parallel (TP) degree can change the bits.
 from __future__ import annotations
 
 import functools
-import math
 import re
 
 import jax
@@ -70,6 +69,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from detjax.generate import GenerationResult
 from detjax.ops._gather import embedding_lookup
 from detjax.generate import generate as _generate
+from detjax.models.gemma import scale_embedding
 from detjax.nn._impl import ops as _ops
 from detjax.nn._layers import _compute_dtype, _dt, apply_rope
 
@@ -354,8 +354,8 @@ class _Local:
         return self._row_parallel(attn.o_proj, o, axis=2), k_cache, v_cache
 
     def _mlp(self, mlp, x):
-        h = jax.nn.gelu(mlp.gate(x), approximate=True) * mlp.up(x)
-        return self._row_parallel(mlp.down, h, axis=-1)
+        gelu = _ops(mlp.impl).isolated(lambda a: jax.nn.gelu(a, approximate=True), mlp.gate(x))
+        return self._row_parallel(mlp.down, gelu * mlp.up(x), axis=-1)   # as FeedForward
 
     def _finish(self, layer, x, a):
         if layer.post_attention_norm is not None:
@@ -702,7 +702,7 @@ def _vocab_sharded_embed(model, tokens, axis_name, cfg):
     if emb.dtype is not None:
         y = y.astype(emb.dtype)
     if cfg.embed_scale_by_sqrt_dim:
-        y = y * jnp.asarray(math.sqrt(cfg.d_model), y.dtype)
+        y = scale_embedding(y, cfg.d_model, model.impl)
     return y
 
 

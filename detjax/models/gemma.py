@@ -17,6 +17,14 @@ from detjax.nn._impl import check_impl, ops
 __all__ = ["GemmaConfig", "Transformer"]
 
 
+def scale_embedding(x, d_model: int, impl=None):
+    """``x * sqrt(d_model)`` in ``x``'s dtype, isolated (forward and backward) so that XLA never
+    contracts the multiply with a neighbouring add (the residual) into an FMA in one program and
+    not in another."""
+    s = jnp.asarray(math.sqrt(d_model), x.dtype)
+    return ops(impl).isolated(lambda v: v * s, x)
+
+
 @dataclasses.dataclass(frozen=True)
 class GemmaConfig:
     """Architecture of a Gemma-style decoder.
@@ -229,7 +237,7 @@ class Transformer(nnx.Module):
     def _embed(self, tokens):
         x = self.embedder(tokens)
         if self.config.embed_scale_by_sqrt_dim:
-            x = x * jnp.asarray(math.sqrt(self.config.d_model), x.dtype)
+            x = scale_embedding(x, self.config.d_model, self.impl)
         return x
 
     def _logits(self, x):

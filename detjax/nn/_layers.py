@@ -132,8 +132,13 @@ def apply_rope(x, positions, *, base: float = 10_000.0, scale_factor: float = 1.
     angle = angle[:, :, None, :]
     sin, cos = ops(impl).isolated(lambda a: (jnp.sin(a), jnp.cos(a)), angle)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
+    cos, sin = jnp.broadcast_to(cos, x1.shape), jnp.broadcast_to(sin, x1.shape)
+    # Each half in a fusion of its own (forward and backward): ``a * c - b * s`` is a multiply-add
+    # that XLA:GPU may or may not contract into an FMA depending on what else shares the fusion.
+    iso = ops(impl).isolated
+    y1 = iso(lambda a, b, c, s: a * c - b * s, x1, x2, cos, sin)
+    y2 = iso(lambda a, b, c, s: b * c + a * s, x1, x2, cos, sin)
+    return jnp.concatenate([y1, y2], axis=-1).astype(x.dtype)
 
 
 class Attention(nnx.Module):

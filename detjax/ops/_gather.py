@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from detjax.ops._checks import check_array, check_float_dtype
+from detjax.ops._elementwise import seal_bwd
 
 __all__ = ["embedding_lookup"]
 
@@ -56,6 +57,7 @@ def _fwd(table, ids):
     return _lookup(table, ids), (ids, jnp.zeros((table.shape[0], 0), table.dtype))
 
 
+@seal_bwd
 def _bwd(res, g):
     ids, marker = res
     V, dtype = marker.shape[0], marker.dtype

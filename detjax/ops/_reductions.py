@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from detjax.ops._checks import check_array, check_float_dtype, check_rank, normalize_axes
+from detjax.ops._elementwise import seal_bwd
 from pallas_kernels import backend as _backend
 from pallas_kernels.reductions import row_reduce
 
@@ -92,6 +93,7 @@ def _sum_fwd(x, axes, out_dtype, backend, x_shape, x_dtype):
     return _sum_vjp(x, axes, out_dtype, backend, x_shape, x_dtype), None
 
 
+@seal_bwd
 def _sum_bwd(axes, out_dtype, backend, x_shape, x_dtype, _, g):
     return (_expand(g, x_shape, axes).astype(x_dtype),)
 
@@ -123,6 +125,7 @@ def _mean_fwd(x, axes, out_dtype, backend, x_shape, x_dtype):
     return _mean_vjp(x, axes, out_dtype, backend, x_shape, x_dtype), None
 
 
+@seal_bwd
 def _mean_bwd(axes, out_dtype, backend, x_shape, x_dtype, _, g):
     n = math.prod(x_shape[d] for d in axes)
     return ((_expand(g.astype(jnp.float32), x_shape, axes) / n).astype(x_dtype),)
@@ -162,6 +165,7 @@ def _max_fwd(x, axes, backend):
     return m, (x, m)
 
 
+@seal_bwd
 def _max_bwd(axes, backend, res, g):
     x, m = res
     hit = (x == _expand(m, x.shape, axes))
@@ -241,6 +245,7 @@ def _lse_fwd(x, axes, backend):
     return _logsumexp(x, axes, backend), x
 
 
+@seal_bwd
 def _lse_bwd(axes, backend, x, g):
     p = _row_op(x, "softmax", axes, jnp.float32, backend)
     return ((p * _expand(g.astype(jnp.float32), x.shape, axes)).astype(x.dtype),)
@@ -271,6 +276,7 @@ def _softmax_fwd(x, axes, backend):
     return y, y
 
 
+@seal_bwd
 def _softmax_bwd(axes, backend, y, g):
     yf, gf = y.astype(jnp.float32), g.astype(jnp.float32)
     s = _sum(gf * yf, axes, "float32", backend)
@@ -290,6 +296,7 @@ def _log_softmax_fwd(x, axes, backend):
     return y, y
 
 
+@seal_bwd
 def _log_softmax_bwd(axes, backend, y, g):
     gf = g.astype(jnp.float32)
     s = _sum(gf, axes, "float32", backend)
@@ -334,6 +341,7 @@ def _rms_fwd(x2, scale, eps, offset, backend):
     return _rms_norm(x2, scale, eps, offset, backend), (x2, scale)
 
 
+@seal_bwd
 def _rms_bwd(eps, offset, backend, res, g):
     x2, scale = res
     xf, gf = x2.astype(jnp.float32), g.astype(jnp.float32)
