@@ -9,6 +9,7 @@ set here before jax starts unless XLA_FLAGS already names a device count). GPU: 
 GPUs (degrees above the device count are skipped).
 
     PYTHONPATH=. python scripts/multidevice_check.py [--json] [--only dp,tp,grad,tpgrad,gen,neg]
+        [--autotune-off]
     PYTHONPATH=. python scripts/multidevice_check.py --bench [--bench-size medium] [--only none]
 
 Prints a table (check, degree, bitwise equal, max |diff|, seconds); ``--json`` adds one JSON line
@@ -23,6 +24,10 @@ import os
 import sys
 import time
 
+# --autotune-off: XLA:GPU picks some code by timing; on two H200s tensor-parallel bits varied
+# between processes with it on and matched with it off (README, "Several devices").
+if "--autotune-off" in sys.argv and "xla_gpu_autotune_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0").strip()
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_force_host_platform_device_count=8").strip()
@@ -345,6 +350,8 @@ def bench(n, size, reps):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print one JSON summary line at the end")
+    ap.add_argument("--autotune-off", action="store_true",
+                    help="run with XLA_FLAGS+=--xla_gpu_autotune_level=0 (set before jax starts)")
     ap.add_argument("--only", default="dp,tp,grad,tpgrad,gen,neg",
                     help="comma list of checks: dp,tp,grad,tpgrad,gen,neg ('none' for bench "
                          "only)")
@@ -360,6 +367,7 @@ def main(argv=None):
     which = set(a.only.split(","))
     print(f"devices: {n} x {jax.devices()[0].device_kind} ({jax.default_backend()}), detjax "
           f"backend {detjax.chosen_backend()}, jax {jax.__version__}", flush=True)
+    print(f"XLA_FLAGS: {os.environ.get('XLA_FLAGS', '')}", flush=True)
     print(f"{'check':<28} {'degree':<8} bits  {'max|diff|':<16} {'time':>7}", flush=True)
     model = Transformer(test_config(), rngs=nnx.Rngs(0))
     t_all = time.time()
