@@ -58,7 +58,9 @@ data-parallel (DP) nor the tensor-parallel (TP) degree can change the bits.
 from __future__ import annotations
 
 import functools
+import os
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -426,6 +428,8 @@ def tensor_parallel(model, mesh: Mesh, *, mode: str = "gather") -> ParallelTrans
         raise ValueError(f"num_kv_heads ({c.num_kv_heads}) must divide or be a multiple of the TP "
                          f"degree ({tp})")
     r = max(1, tp // c.num_kv_heads)
+    if tp > 1:
+        _warn_gpu_autotune(mesh)
     graphdef, state = nnx.split(model)
     specs = _state_specs(state, mesh, mode)
 
@@ -441,6 +445,25 @@ def tensor_parallel(model, mesh: Mesh, *, mode: str = "gather") -> ParallelTrans
         state)
     del specs
     return ParallelTransformer(nnx.merge(graphdef, placed), mesh, mode, r)
+
+
+AUTOTUNE_FLAG = "--xla_gpu_autotune_level=0"
+
+
+def _warn_gpu_autotune(mesh: Mesh):
+    """Tensor parallelism on GPUs without ``AUTOTUNE_FLAG`` in ``XLA_FLAGS``: warn (once per
+    process). On two H200s the TP bits matched one device in some processes and not in others
+    with XLA's default autotuning, and matched with it off (README, "Several devices")."""
+    platforms = {d.platform for d in mesh.devices.flat}
+    if "gpu" not in platforms and "cuda" not in platforms and "rocm" not in platforms:
+        return
+    if AUTOTUNE_FLAG.lstrip("-") in os.environ.get("XLA_FLAGS", ""):
+        return
+    warnings.warn(
+        "detjax.parallel: tensor parallelism on GPUs with XLA's autotuning on. On two H200s the "
+        "TP results matched one device in some processes and were 1 ulp off in others; set "
+        f"XLA_FLAGS={AUTOTUNE_FLAG} before jax starts (see README, 'Several devices').",
+        RuntimeWarning, stacklevel=3)
 
 
 def data_parallel(model, mesh: Mesh) -> ParallelTransformer:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from detjax import parallel as par
@@ -166,3 +167,19 @@ def test_ordered_sum_is_sequential():
     # sequential: ((1e8 + 1) - 1e8) + 1 = 1 in f32; a pairwise tree would give 0
     assert float(par.ordered_sum(xs)) == 1.0
     assert float(par.ordered_sum(xs.astype(jnp.bfloat16))) == 1.0   # f32 accumulation
+
+
+def test_gpu_tp_warns_without_autotune_off(monkeypatch):
+    """TP on GPUs warns unless XLA_FLAGS turns XLA's autotuning off; CPU meshes never warn."""
+    from types import SimpleNamespace
+    gpu = SimpleNamespace(devices=np.array([SimpleNamespace(platform="gpu")] * 2))
+    cpu = SimpleNamespace(devices=np.array([SimpleNamespace(platform="cpu")] * 2))
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    with pytest.warns(RuntimeWarning, match="xla_gpu_autotune_level=0"):
+        par._warn_gpu_autotune(gpu)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        par._warn_gpu_autotune(cpu)
+        monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=0")
+        par._warn_gpu_autotune(gpu)
