@@ -30,7 +30,9 @@ def isolated(fn, *args):
     multiple of ``CPU_PAD`` elements, so every element goes through the same vector code; the
     padding is sliced off. ``fn`` must be elementwise (its result has the broadcast shape of its
     arguments); otherwise the arguments are passed unchanged. Differentiable (barriers, pads and
-    reshapes are linear).
+    reshapes are linear). With arguments of one shape and float dtypes the backward pass is
+    isolated the same way (``custom_vjp``): the derivative's elementwise code gets its own fusion
+    too. Forward-mode autodiff then is not available, as for the other ops.
     """
     if not callable(fn):
         raise TypeError(f"isolated: fn must be a callable (e.g. jnp.tanh), got {type(fn).__name__}")
@@ -53,11 +55,11 @@ def _isolated_eval(fn, args):
 
 
 def _isolated_vjp(fn, *args):
-    """``isolated`` whose backward is isolated too: autodiff would otherwise leave the derivative's
+    """``isolated`` whose backward is isolated too. Autodiff would otherwise leave the derivative's
     elementwise code (``gelu'``, ``1 - tanh^2``, the rotation of RoPE) to XLA's fusion with its
-    neighbours, where a multiply and an add in one fusion become one FMA in some programs and not
-    in others (measured: tensor-parallel gradients 1 ulp off the single-device ones on two H200s
-    until every backward rule was sealed)."""
+    neighbours, and XLA:GPU contracts a multiply and an add that share a fusion into one FMA, so
+    the bits could depend on the surrounding program (one device vs a tensor-parallel shard).
+    Each argument's cotangent is evaluated by ``_isolated_eval`` (barriers, CPU padding)."""
     n = len(args)
 
     @jax.custom_vjp
@@ -85,8 +87,10 @@ def seal_bwd(bwd):
     """Decorator for a ``custom_vjp`` backward rule ``bwd(*nondiff, res, g)``: its residuals and
     cotangent enter, and its results leave, through optimization barriers, so its elementwise code
     forms fusions of its own, the same in every program (a single device, a tensor-parallel shard,
-    a decode loop). Without the seal XLA fused e.g. ``g - exp(y) * s`` with different neighbours
-    in different programs and contracted the multiply-add into an FMA in only some of them."""
+    a decode loop). Without it XLA may fuse e.g. ``g - exp(y) * s`` with different neighbours in
+    different programs, and XLA:GPU contracts a multiply-add that shares a fusion into one FMA.
+    (On two H200s tensor-parallel gradients were 1 ulp off one device in some processes; the seal
+    removes this possible cause, it was not shown to be the only one: README, "Several devices".)"""
     @functools.wraps(bwd)
     def sealed(*args):
         *static, res, g = args
