@@ -43,7 +43,11 @@ cmd=${1:-demo}; shift || true
 case "$cmd" in
   setup) setup ;;
   demo) setup; exec "$VENV/bin/detjax" demo "$@" ;;
-  test) setup; exec "$VENV/bin/python" -m pytest -q -n 2 "$@" ;;
+  test) setup
+        # xdist workers: the CPU count, at least 2 (the 8-device subprocess test overlaps the rest),
+        # at most 4 (each worker compiles its own programs: memory)
+        workers=$("$VENV/bin/python" -c 'import os; print(max(2, min(4, os.cpu_count() or 2)))')
+        exec "$VENV/bin/python" -m pytest -q -n "$workers" "$@" ;;
   gpu) exec bash scripts/gpu_suite.sh "$@" ;;
   *) echo "usage: ./run.sh {demo|test|setup|gpu} [args]" >&2; exit 2 ;;
 esac
