@@ -53,6 +53,11 @@ data-parallel (DP) nor the tensor-parallel (TP) degree can change the bits.
   model (its ``prefill`` / ``decode_step`` are ``shard_map``-ped); under DP the prompts are padded to
   a multiple of the DP degree with copies of the last prompt (rows are independent), and the copies
   are dropped.
+
+GPUs: on two H200s the TP results were bitwise equal to one device in some processes and 1 ulp
+off in others (same code, inputs and program; never varying within a process); with
+``XLA_FLAGS=--xla_gpu_autotune_level=0`` or XLA's fusion passes off they were equal (one trial
+each). ``tensor_parallel`` on a GPU mesh warns when the flag is missing (README, "Several devices").
 """
 
 from __future__ import annotations
