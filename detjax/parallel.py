@@ -459,8 +459,7 @@ def _warn_gpu_autotune(mesh: Mesh):
     """Tensor parallelism on GPUs without ``AUTOTUNE_FLAG`` in ``XLA_FLAGS``: warn (once per
     process). On two H200s the TP bits matched one device in some processes and not in others
     with XLA's default autotuning, and matched with it off (README, "Several devices")."""
-    platforms = {d.platform for d in mesh.devices.flat}
-    if "gpu" not in platforms and "cuda" not in platforms and "rocm" not in platforms:
+    if all(d.platform != "gpu" for d in mesh.devices.flat):   # jax's platform name for CUDA/ROCm
         return
     if AUTOTUNE_FLAG.lstrip("-") in os.environ.get("XLA_FLAGS", ""):
         return
@@ -726,9 +725,7 @@ def _vocab_sharded_embed(model, tokens, axis_name, cfg):
     vl = e.shape[0]
     local = tokens - jax.lax.axis_index(axis_name) * vl
     local = jnp.where((local >= 0) & (local < vl), local, vl)
-    y = _owner_rows(axis_name, embedding_lookup(e, local), tokens // vl)
-    if emb.dtype is not None:
-        y = y.astype(emb.dtype)
+    y = _dt(_owner_rows(axis_name, embedding_lookup(e, local), tokens // vl), emb.dtype)
     if cfg.embed_scale_by_sqrt_dim:
         y = scale_embedding(y, cfg.d_model, model.impl)
     return y
@@ -823,11 +820,6 @@ class _LocalTrain(_Local):
         def full(x_, dy):
             return (_dedupe(_gather(x_, m, 2), 2, r), _dedupe(_gather(dy, m, 2), 2, r))
         return _split_grad(_norm_f(norm), full, x, norm.scale[...], ())
-
-    def _embed(self, model, tokens):
-        if self.m is None:
-            return model._embed(tokens)
-        return _vocab_sharded_embed(model, tokens, self.m, self.cfg)
 
     def _qkv(self, attn, x, positions):
         r = self.r
