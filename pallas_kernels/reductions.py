@@ -110,14 +110,7 @@ def _row_kernel(*refs, op, n, eps, offset, acc_dtype, resident):
     chunks = [_load(x_ref, j, n, 0) for j in range(pl.cdiv(n, REDUCE_CHUNK))] if resident else None
 
     def for_each_chunk(fn):
-        if chunks is not None:
-            for chunk in chunks:
-                fn(chunk)
-            return
-
-        @pl.loop(0, _chunks(n))
-        def _(j):
-            fn(_load(x_ref, j, n, 0))
+        _fold(x_ref, n, chunks, lambda chunk, carry: fn(chunk), None)
 
     if op in ("sum", "mean"):
         total = _lane_sum(x_ref, n, acc_dtype, resident=chunks)
