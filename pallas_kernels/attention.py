@@ -14,8 +14,8 @@ head) pairs are packed as row ``r = t * G + g`` (``pack_rows``), padded to a mul
 * causal: ``j <= pos``; sliding window ``w`` (Gemma 2/3 convention, the ``w`` most recent
   positions *including the query itself*): ``pos - w < j``; without ``causal`` the window is
   symmetric, ``|pos - j| < w``;
-* ``j < kv_lengths[b]`` (keys at or beyond the length are never read into a result: ``k`` and ``v``
-  there are replaced by zeros, so garbage or NaN in an unused cache area cannot leak).
+* ``j < kv_lengths[b]`` (keys at or beyond the length never reach a result, so garbage or NaN in
+  an unused cache area cannot leak: see ``_load_kv_block``).
 
 Rows with an empty interval (padding rows, a query before every valid key) produce exactly 0.
 
@@ -24,8 +24,8 @@ key makes the row NaN; a NaN/inf value at a valid key gives NaN/inf in that outp
 outside the interval (future keys, outside the window, past the length) never touch the row, not
 even as ``0 * NaN`` inside the ``p @ v`` dot (``_split_state``: a split whose accumulator comes
 out non-finite is folded again with ``_pv``'s guarded dots, which zero the non-finite values and
-count them exactly per row; for finite values both folds give the same bits). So decode, which never
-reads keys past its length, agrees with prefill also for non-finite caches. (A valid key whose
+count them exactly per row; for finite values both folds give the same bits). So decode, whose last split
+may hold a cache area past its length, agrees with prefill also for non-finite caches. (A valid key whose
 ``p`` underflowed to exactly 0 still propagates its NaN/inf.)
 
 Reduction order (the product; see also ``pallas_kernels/order.py``)
@@ -107,16 +107,20 @@ def gpu_config(head_dim: int) -> tuple[int, int]:
     and thus the tree of the per-row ``sum`` over a block, so it must not vary between calls or
     between the prefill and decode kernels. ``num_stages`` only changes software pipelining.
 
-    * head_dim <= 64: 4 warps, 3 stages (two ``[64, 64]`` f32 accumulators fit comfortably);
-    * head_dim <= 128: 8 warps, 2 stages (split and total ``[64, 128]`` f32 accumulators);
-    * larger: 8 warps, 1 stage.
+    * head_dim <= 64: 4 warps, 3 stages;
+    * head_dim <= 128: 4 warps, 2 stages;
+    * larger: 4 warps, 1 stage (3 stages exceed the H100's shared memory at head_dim 256).
+
+    Until session 4 head dims above 64 used 8 warps. 4 warps gave bitwise the same outputs on the
+    H100 (prefill, masks, soft-cap, decode) and 1.3-1.5x faster prefill and 1.2x faster decode
+    (run s4-3, ``results/README.md``); the 11 output hashes did not move.
     """
     hp = padded_head_dim(head_dim)
     if hp <= 64:
         return 4, 3
     if hp <= 128:
-        return 8, 2
-    return 8, 1
+        return 4, 2
+    return 4, 1
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -320,7 +324,7 @@ def _block_step(state, s, valid, v, guarded=True):
     m, l, acc = state
     m_blk = jnp.max(s, axis=-1)                  # s is -inf outside the interval
     m_new = _nan_max(m, m_blk)
-    m_use = jnp.where(m_new > -jnp.inf, m_new, jnp.where(m_new != m_new, m_new, 0.0))
+    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)    # keeps NaN
     p = jnp.where(valid, jnp.exp(s - m_use[..., None]), 0.0)
     alpha = jnp.where(m == -jnp.inf, 0.0, jnp.exp(m - m_use))
     l_new = alpha * l + jnp.sum(p, axis=-1)
@@ -374,17 +378,30 @@ def _block_range(lo, hi):
     return lax.div(start, BLOCK_K), lax.div(end + (BLOCK_K - 1), BLOCK_K)
 
 
-def _load_kv_block(k_ref, v_ref, j, kv_len):
-    """Keys ``[j*64, (j+1)*64)`` of the (whole-sequence) k/v refs; rows >= kv_len set to 0."""
+def _load_kv_block(k_ref, v_ref, j, kv_len=None):
+    """Keys ``[j*64, (j+1)*64)`` of the (whole-sequence) k/v refs, and their absolute indices.
+
+    With ``kv_len`` (backward kernels) rows ``>= kv_len`` are set to 0: there ``dp = do . v`` would
+    carry a NaN of an unused cache area into ``ds = p * (dp - delta)`` as ``0 * NaN``. The forward
+    kernels pass no ``kv_len`` and feed the loaded tiles straight to the dots (a select between the
+    load and the dot costs a register round trip and defeats Triton's load pipelining: 1.25x
+    prefill, 1.3x decode on the H100, run s4-2). That is exact: a key at or past the length is
+    outside every row's interval, so its logit is replaced by ``-inf`` and its ``p`` is exactly 0;
+    a finite value there enters ``p @ v`` only as exact zero products, and a non-finite one makes
+    the split's accumulator non-finite, which sends the split through the guarded fold of
+    ``_split_state``, which never reads values outside the row's interval.
+    """
     start = pl.multiple_of(j * BLOCK_K, BLOCK_K)
     kidx = start + jnp.arange(BLOCK_K, dtype=jnp.int32)
-    ok = (kidx < kv_len)[:, None]
     k = k_ref[pl.ds(start, BLOCK_K), :]
     v = v_ref[pl.ds(start, BLOCK_K), :]
+    if kv_len is None:
+        return k, v, kidx
+    ok = (kidx < kv_len)[:, None]
     return jnp.where(ok, k, jnp.zeros_like(k)), jnp.where(ok, v, jnp.zeros_like(v)), kidx
 
 
-def _split_state(q, k_ref, v_ref, lo, hi, kv_len, b0, b1, cfg):
+def _split_state(q, k_ref, v_ref, lo, hi, b0, b1, cfg):
     """Online softmax over blocks ``[b0, b1)`` (ascending) from the empty state.
 
     The blocks are first folded with plain ``p @ v`` dots. Only if the split's accumulator comes out
@@ -394,7 +411,7 @@ def _split_state(q, k_ref, v_ref, lo, hi, kv_len, b0, b1, cfg):
     """
     def fold(guarded):
         def body(j, state):
-            k, v, kidx = _load_kv_block(k_ref, v_ref, j, kv_len)
+            k, v, kidx = _load_kv_block(k_ref, v_ref, j)
             s, valid = _logits(q, k, kidx, lo, hi, cfg)
             return _block_step(state, s, valid, v, guarded)
         return lax.fori_loop(b0, b1, body, _empty_state((q.shape[0],), k_ref.shape[-1]))
@@ -408,9 +425,8 @@ def _split_state(q, k_ref, v_ref, lo, hi, kv_len, b0, b1, cfg):
 # Forward kernels
 
 
-def _fwd_kernel(lo_ref, hi_ref, kvl_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg):
+def _fwd_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg):
     lo, hi = lo_ref[...], hi_ref[...]
-    kv_len = jnp.max(kvl_ref[...])
     q = q_ref[...]
     blk_start, blk_end = _block_range(lo, hi)
     split_start = lax.div(blk_start, BLOCKS_PER_SPLIT)
@@ -419,7 +435,7 @@ def _fwd_kernel(lo_ref, hi_ref, kvl_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
     def split_body(c, total):
         b0 = jnp.maximum(blk_start, c * BLOCKS_PER_SPLIT)
         b1 = jnp.minimum(blk_end, (c + 1) * BLOCKS_PER_SPLIT)
-        part = _split_state(q, k_ref, v_ref, lo, hi, kv_len, b0, b1, cfg)
+        part = _split_state(q, k_ref, v_ref, lo, hi, b0, b1, cfg)
         return _merge_states(total, part)
 
     total = lax.fori_loop(split_start, split_end, split_body,
@@ -456,6 +472,7 @@ def _kv_full_spec(sp, hp):
 
 def attention_fwd_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig):
     """Prefill kernel on prepared operands (see ``prepare``). Returns ``(o [B,K,Rp,Hp], lse [B,K,Rp])``."""
+    del kvl  # the forward reads the lengths through the row intervals (see _load_kv_block)
     be = _backend.resolve(cfg.backend)
     _check_backend(be)
     b, kh, rp, hp = qp.shape
@@ -463,7 +480,7 @@ def attention_fwd_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig):
     return pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg),
         grid=(b, kh, rp // BLOCK_Q),
-        in_specs=[_row_spec(), _row_spec(), _row_spec(), _qrow_spec(hp),
+        in_specs=[_row_spec(), _row_spec(), _qrow_spec(hp),
                   _kv_full_spec(sp, hp), _kv_full_spec(sp, hp)],
         out_specs=[_qrow_spec(hp), pl.BlockSpec((None, None, BLOCK_Q), lambda b, h, i: (b, h, i))],
         out_shape=[jax.ShapeDtypeStruct(qp.shape, qp.dtype),
@@ -471,18 +488,17 @@ def attention_fwd_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig):
         interpret=_backend.interpret_arg(be),
         compiler_params=_compiler_params(be, hp),
         name="detjax_attention_fwd",
-    )(lo, hi, kvl, qp, kp, vp)
+    )(lo, hi, qp, kp, vp)
 
 
-def _decode_split_kernel(lo_ref, hi_ref, kvl_ref, q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, *, cfg):
+def _decode_split_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, *, cfg):
     c = pl.program_id(3)
     lo, hi = lo_ref[...], hi_ref[...]
-    kv_len = jnp.max(kvl_ref[...])
     q = q_ref[...]
     blk_start, blk_end = _block_range(lo, hi)
     b0 = jnp.maximum(blk_start, c * BLOCKS_PER_SPLIT)
     b1 = jnp.minimum(blk_end, (c + 1) * BLOCKS_PER_SPLIT)
-    m, l, acc = _split_state(q, k_ref, v_ref, lo, hi, kv_len, b0, b1, cfg)
+    m, l, acc = _split_state(q, k_ref, v_ref, lo, hi, b0, b1, cfg)
     m_ref[...] = m
     l_ref[...] = l
     acc_ref[...] = acc
@@ -502,6 +518,7 @@ def _decode_merge_kernel(m_ref, l_ref, acc_ref, o_ref, *, num_splits):
 def decode_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig):
     """Split-parallel (flash-decoding) forward on prepared operands; bitwise equal to
     ``attention_fwd_call``'s output. Returns ``o [B, K, Rp, Hp]``."""
+    del kvl  # as in attention_fwd_call
     be = _backend.resolve(cfg.backend)
     _check_backend(be)
     b, kh, rp, hp = qp.shape
@@ -513,7 +530,7 @@ def decode_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig):
     m, l, acc = pl.pallas_call(
         functools.partial(_decode_split_kernel, cfg=cfg),
         grid=(b, kh, nq, ns),
-        in_specs=[_row_spec(), _row_spec(), _row_spec(), _qrow_spec(hp),
+        in_specs=[_row_spec(), _row_spec(), _qrow_spec(hp),
                   _kv_full_spec(sp, hp), _kv_full_spec(sp, hp)],
         out_specs=[state_spec, state_spec, acc_spec],
         out_shape=[jax.ShapeDtypeStruct((b, kh, ns, rp), jnp.float32),
@@ -522,7 +539,7 @@ def decode_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig):
         interpret=_backend.interpret_arg(be),
         compiler_params=_compiler_params(be, hp),
         name="detjax_decode_attention_split",
-    )(lo, hi, kvl, qp, kp, vp)
+    )(lo, hi, qp, kp, vp)
     return pl.pallas_call(
         functools.partial(_decode_merge_kernel, num_splits=ns),
         grid=(b, kh, nq),

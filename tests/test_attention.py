@@ -387,6 +387,32 @@ def test_bad_input():
 
 
 def test_gpu_config_one_per_head_dim():
-    assert K.gpu_config(64) == K.gpu_config(40) == (4, 3)
-    assert K.gpu_config(128) == K.gpu_config(96) == (8, 2)
-    assert K.gpu_config(256) == (8, 1)
+    """One (num_warps, num_stages) per padded head dim, shared by every attention kernel."""
+    assert K.gpu_config(40) == K.gpu_config(64) == (4, 3)
+    assert K.gpu_config(96) == K.gpu_config(128) == (4, 2)
+    assert K.gpu_config(256) == (4, 1)
+
+
+@pytest.mark.skipif(INTERPRET, reason="Triton's warp layout exists only on the GPU")
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_gpu_warp_count_does_not_change_bits(dtype, monkeypatch):
+    """Session 4 moved head dims > 64 from 8 warps to 4. Both give the same bits: prefill with
+    every mask option, and decode across split boundaries (so no KERNELS_VERSION bump)."""
+    q, k, v = qkv(900, 2, 300, 1100, 8, 2, 128, dtype)
+    pos = jnp.broadcast_to(jnp.arange(800, 1100, dtype=jnp.int32), (2, 300))
+    lengths = jnp.array([1100, 1030], jnp.int32)
+
+    def outputs():
+        jax.clear_caches()
+        return [attention(q, k, v, q_positions=pos, kv_lengths=lengths),
+                attention(q, k, v, q_positions=pos, sliding_window=77, logits_soft_cap=20.0),
+                attention(q, k, v, causal=False, kv_lengths=lengths),
+                decode_attention(q[:, :3], k, v, lengths)]
+
+    four = outputs()
+    monkeypatch.setattr(K, "gpu_config", lambda h, f=K.gpu_config: (8, f(h)[1]))
+    eight = outputs()
+    monkeypatch.undo()
+    jax.clear_caches()
+    for i, (a, b) in enumerate(zip(four, eight)):
+        assert_bits_equal(a, b, f"output {i}: 4 warps vs 8 warps")
