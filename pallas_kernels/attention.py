@@ -383,7 +383,8 @@ def _load_kv_block(k_ref, v_ref, j, kv_len=None):
 
     With ``kv_len`` (backward kernels) rows ``>= kv_len`` are set to 0: there ``dp = do . v`` would
     carry a NaN of an unused cache area into ``ds = p * (dp - delta)`` as ``0 * NaN``. The forward
-    kernels pass no ``kv_len`` and feed the loaded tiles straight to the dots (a select between the
+    kernels pass no ``kv_len`` for bf16/f16 (f32: see ``_split_state``) and feed the loaded tiles
+    straight to the dots (a select between the
     load and the dot costs a register round trip and defeats Triton's load pipelining: 1.25x
     prefill, 1.3x decode on the H100, run s4-2). That is exact: a key at or past the length is
     outside every row's interval, so its logit is replaced by ``-inf`` and its ``p`` is exactly 0;
@@ -401,17 +402,25 @@ def _load_kv_block(k_ref, v_ref, j, kv_len=None):
     return jnp.where(ok, k, jnp.zeros_like(k)), jnp.where(ok, v, jnp.zeros_like(v)), kidx
 
 
-def _split_state(q, k_ref, v_ref, lo, hi, b0, b1, cfg):
+def _split_state(q, k_ref, v_ref, lo, hi, kv_len, b0, b1, cfg):
     """Online softmax over blocks ``[b0, b1)`` (ascending) from the empty state.
 
     The blocks are first folded with plain ``p @ v`` dots. Only if the split's accumulator comes out
     non-finite (a NaN/inf value somewhere, or an overflow) is the split folded again with the
     guarded dots of ``_pv``, which keep every row exact. One check per split instead of one per
     block; for finite values both folds give the same bits, so which one ran never shows.
+
+    float32 keys/values keep the ``kv_len`` select on load (``_load_kv_block``): Triton's f32 dot
+    gave 1-ulp different results for a value tile fed straight from the load and one fed through a
+    select (H100, run s4-5), and the guarded fold feeds ``v`` through a select, so without it a
+    decode whose cache holds NaN past its length (guarded fold) would differ from prefill (plain
+    fold). bf16/f16 tensor-core dots give the same bits either way (the same tests pass).
     """
+    mask_len = kv_len if k_ref.dtype == jnp.float32 else None
+
     def fold(guarded):
         def body(j, state):
-            k, v, kidx = _load_kv_block(k_ref, v_ref, j)
+            k, v, kidx = _load_kv_block(k_ref, v_ref, j, mask_len)
             s, valid = _logits(q, k, kidx, lo, hi, cfg)
             return _block_step(state, s, valid, v, guarded)
         return lax.fori_loop(b0, b1, body, _empty_state((q.shape[0],), k_ref.shape[-1]))
@@ -425,8 +434,9 @@ def _split_state(q, k_ref, v_ref, lo, hi, b0, b1, cfg):
 # Forward kernels
 
 
-def _fwd_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg):
+def _fwd_kernel(lo_ref, hi_ref, kvl_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg):
     lo, hi = lo_ref[...], hi_ref[...]
+    kv_len = jnp.max(kvl_ref[...])
     q = q_ref[...]
     blk_start, blk_end = _block_range(lo, hi)
     split_start = lax.div(blk_start, BLOCKS_PER_SPLIT)
@@ -435,7 +445,7 @@ def _fwd_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg):
     def split_body(c, total):
         b0 = jnp.maximum(blk_start, c * BLOCKS_PER_SPLIT)
         b1 = jnp.minimum(blk_end, (c + 1) * BLOCKS_PER_SPLIT)
-        part = _split_state(q, k_ref, v_ref, lo, hi, b0, b1, cfg)
+        part = _split_state(q, k_ref, v_ref, lo, hi, kv_len, b0, b1, cfg)
         return _merge_states(total, part)
 
     total = lax.fori_loop(split_start, split_end, split_body,
@@ -472,7 +482,6 @@ def _kv_full_spec(sp, hp):
 
 def attention_fwd_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig):
     """Prefill kernel on prepared operands (see ``prepare``). Returns ``(o [B,K,Rp,Hp], lse [B,K,Rp])``."""
-    del kvl  # the forward reads the lengths through the row intervals (see _load_kv_block)
     be = _backend.resolve(cfg.backend)
     _check_backend(be)
     b, kh, rp, hp = qp.shape
@@ -480,7 +489,7 @@ def attention_fwd_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig):
     return pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg),
         grid=(b, kh, rp // BLOCK_Q),
-        in_specs=[_row_spec(), _row_spec(), _qrow_spec(hp),
+        in_specs=[_row_spec(), _row_spec(), _row_spec(), _qrow_spec(hp),
                   _kv_full_spec(sp, hp), _kv_full_spec(sp, hp)],
         out_specs=[_qrow_spec(hp), pl.BlockSpec((None, None, BLOCK_Q), lambda b, h, i: (b, h, i))],
         out_shape=[jax.ShapeDtypeStruct(qp.shape, qp.dtype),
@@ -488,17 +497,18 @@ def attention_fwd_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig):
         interpret=_backend.interpret_arg(be),
         compiler_params=_compiler_params(be, hp),
         name="detjax_attention_fwd",
-    )(lo, hi, qp, kp, vp)
+    )(lo, hi, kvl, qp, kp, vp)
 
 
-def _decode_split_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, *, cfg):
+def _decode_split_kernel(lo_ref, hi_ref, kvl_ref, q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, *, cfg):
     c = pl.program_id(3)
     lo, hi = lo_ref[...], hi_ref[...]
+    kv_len = jnp.max(kvl_ref[...])
     q = q_ref[...]
     blk_start, blk_end = _block_range(lo, hi)
     b0 = jnp.maximum(blk_start, c * BLOCKS_PER_SPLIT)
     b1 = jnp.minimum(blk_end, (c + 1) * BLOCKS_PER_SPLIT)
-    m, l, acc = _split_state(q, k_ref, v_ref, lo, hi, b0, b1, cfg)
+    m, l, acc = _split_state(q, k_ref, v_ref, lo, hi, kv_len, b0, b1, cfg)
     m_ref[...] = m
     l_ref[...] = l
     acc_ref[...] = acc
@@ -518,7 +528,6 @@ def _decode_merge_kernel(m_ref, l_ref, acc_ref, o_ref, *, num_splits):
 def decode_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig):
     """Split-parallel (flash-decoding) forward on prepared operands; bitwise equal to
     ``attention_fwd_call``'s output. Returns ``o [B, K, Rp, Hp]``."""
-    del kvl  # as in attention_fwd_call
     be = _backend.resolve(cfg.backend)
     _check_backend(be)
     b, kh, rp, hp = qp.shape
@@ -530,7 +539,7 @@ def decode_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig):
     m, l, acc = pl.pallas_call(
         functools.partial(_decode_split_kernel, cfg=cfg),
         grid=(b, kh, nq, ns),
-        in_specs=[_row_spec(), _row_spec(), _qrow_spec(hp),
+        in_specs=[_row_spec(), _row_spec(), _row_spec(), _qrow_spec(hp),
                   _kv_full_spec(sp, hp), _kv_full_spec(sp, hp)],
         out_specs=[state_spec, state_spec, acc_spec],
         out_shape=[jax.ShapeDtypeStruct((b, kh, ns, rp), jnp.float32),
@@ -539,7 +548,7 @@ def decode_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig):
         interpret=_backend.interpret_arg(be),
         compiler_params=_compiler_params(be, hp),
         name="detjax_decode_attention_split",
-    )(lo, hi, qp, kp, vp)
+    )(lo, hi, kvl, qp, kp, vp)
     return pl.pallas_call(
         functools.partial(_decode_merge_kernel, num_splits=ns),
         grid=(b, kh, nq),
