@@ -112,8 +112,9 @@ def gpu_config(head_dim: int) -> tuple[int, int]:
     * larger: 4 warps, 1 stage (3 stages exceed the H100's shared memory at head_dim 256).
 
     Until session 4 head dims above 64 used 8 warps. 4 warps gave bitwise the same outputs on the
-    H100 (prefill, masks, soft-cap, decode) and 1.3-1.5x faster prefill and 1.2x faster decode
-    (run s4-3, ``results/README.md``); the 11 output hashes did not move.
+    H100 (prefill, masks, soft-cap, decode; ``test_gpu_warp_count_does_not_change_bits``), and
+    1.4-1.6x faster prefill and decode (run s4-4, ``results/README.md``); the 11 output hashes of
+    ``scripts/output_hashes.py`` did not move (run s4-5).
     """
     hp = padded_head_dim(head_dim)
     if hp <= 64:
@@ -385,8 +386,8 @@ def _load_kv_block(k_ref, v_ref, j, kv_len=None):
     carry a NaN of an unused cache area into ``ds = p * (dp - delta)`` as ``0 * NaN``. The forward
     kernels pass no ``kv_len`` for bf16/f16 (f32: see ``_split_state``) and feed the loaded tiles
     straight to the dots (a select between the
-    load and the dot costs a register round trip and defeats Triton's load pipelining: 1.25x
-    prefill, 1.3x decode on the H100, run s4-2). That is exact: a key at or past the length is
+    load and the dot costs a register round trip and defeats Triton's load pipelining: 1.2x
+    prefill, 1.1x decode on the H100, run s4-2). That is exact: a key at or past the length is
     outside every row's interval, so its logit is replaced by ``-inf`` and its ``p`` is exactly 0;
     a finite value there enters ``p @ v`` only as exact zero products, and a non-finite one makes
     the split's accumulator non-finite, which sends the split through the guarded fold of
