@@ -410,7 +410,8 @@ class _Local:
         return model._logits(x), {"k": ks, "v": vs, "lengths": lengths + tokens.shape[1]}
 
 
-def tensor_parallel(model, mesh: Mesh, *, mode: str = "gather") -> ParallelTransformer:
+def tensor_parallel(model, mesh: Mesh, *, mode: str = "gather",
+                    allow_xla_autotuning: bool = False) -> ParallelTransformer:
     """Return ``model`` (a ``detjax.models.gemma.Transformer``) as a ``ParallelTransformer`` with its
     parameters placed by ``NamedSharding`` on ``mesh`` following the no-split-contraction rule
     (module docstring). ``mode='psum'``: Megatron-style split-K row-parallel projections with
@@ -420,6 +421,14 @@ def tensor_parallel(model, mesh: Mesh, *, mode: str = "gather") -> ParallelTrans
     ``hidden_dim``, ``d_model`` and ``vocab_size``, and ``num_kv_heads`` divides or is a multiple
     of ``tp`` (KV heads are repeated ``tp // num_kv_heads`` times when fewer than ``tp``).
     The input model is not modified.
+
+    On GPU meshes (``tp > 1``, mode ``'gather'``) ``XLA_FLAGS`` must hold ``AUTOTUNE_FLAG``
+    (``--xla_gpu_autotune_level=0``, set before jax starts), else this raises: XLA's fusion
+    autotuner picks, by timing and so per process, between its native and its Triton block-level
+    emitter for each fusion, and the two round elementwise code differently; on two H200s the TP
+    gradients were then 1 ulp off one device in 3 of 3 processes, and equal in 4 of 4 with the flag
+    (README, "Several devices"). ``allow_xla_autotuning=True`` accepts process-dependent bits
+    and only warns.
     """
     if mode not in ("gather", "psum"):
         raise ValueError(f"mode must be 'gather' or 'psum'; got {mode!r}")
@@ -433,8 +442,8 @@ def tensor_parallel(model, mesh: Mesh, *, mode: str = "gather") -> ParallelTrans
         raise ValueError(f"num_kv_heads ({c.num_kv_heads}) must divide or be a multiple of the TP "
                          f"degree ({tp})")
     r = max(1, tp // c.num_kv_heads)
-    if tp > 1:
-        _warn_gpu_autotune(mesh)
+    if tp > 1 and mode == "gather":
+        _check_gpu_autotune(mesh, allow_xla_autotuning)
     graphdef, state = nnx.split(model)
     specs = _state_specs(state, mesh, mode)
 
@@ -455,19 +464,23 @@ def tensor_parallel(model, mesh: Mesh, *, mode: str = "gather") -> ParallelTrans
 AUTOTUNE_FLAG = "--xla_gpu_autotune_level=0"
 
 
-def _warn_gpu_autotune(mesh: Mesh):
-    """Tensor parallelism on GPUs without ``AUTOTUNE_FLAG`` in ``XLA_FLAGS``: warn (once per
-    process). On two H200s the TP bits matched one device in some processes and not in others
-    with XLA's default autotuning, and matched with it off (README, "Several devices")."""
+def _check_gpu_autotune(mesh: Mesh, allow: bool):
+    """Raise (or, with ``allow``, warn once per process) for a GPU mesh when ``XLA_FLAGS`` lacks
+    ``AUTOTUNE_FLAG``; CPU meshes pass (see ``tensor_parallel``)."""
     if all(d.platform != "gpu" for d in mesh.devices.flat):   # jax's platform name for CUDA/ROCm
         return
     if AUTOTUNE_FLAG.lstrip("-") in os.environ.get("XLA_FLAGS", ""):
         return
-    warnings.warn(
-        "detjax.parallel: tensor parallelism on GPUs with XLA's autotuning on. On two H200s the "
-        "TP results matched one device in some processes and were 1 ulp off in others; set "
-        f"XLA_FLAGS={AUTOTUNE_FLAG} before jax starts (see README, 'Several devices').",
-        RuntimeWarning, stacklevel=3)
+    msg = ("tensor parallelism on GPUs needs XLA_FLAGS to hold "
+           f"{AUTOTUNE_FLAG} (set before jax starts): XLA's fusion autotuner otherwise picks a "
+           "code generator per fusion by timing, so the TP bits change from one process to the "
+           "next (1 ulp off one device in 3 of 3 processes on two H200s; README, 'Several "
+           "devices')")
+    if not allow:
+        raise RuntimeError(f"detjax.parallel: {msg}. Pass allow_xla_autotuning=True to accept "
+                           "process-dependent bits.")
+    warnings.warn(f"detjax.parallel: allow_xla_autotuning=True: {msg}.", RuntimeWarning,
+                  stacklevel=3)
 
 
 def data_parallel(model, mesh: Mesh) -> ParallelTransformer:

@@ -6,7 +6,9 @@ degree (and DP 2 x TP 4 without ``--quick``); ``neg`` adds Megatron-psum gradien
 
 CPU: run as is; it forces 8 host devices (``XLA_FLAGS=--xla_force_host_platform_device_count=8``,
 set here before jax starts unless XLA_FLAGS already names a device count). GPU: uses the visible
-GPUs (degrees above the device count are skipped).
+GPUs (degrees above the device count are skipped). TP models are built with
+``allow_xla_autotuning=True``, so that a GPU run without ``--autotune-off`` shows the
+process-dependent bits instead of stopping at ``tensor_parallel``'s check.
 
     PYTHONPATH=. python scripts/multidevice_check.py [--json] [--only dp,tp,grad,tpgrad,gen,neg]
         [--autotune-off]
@@ -24,8 +26,9 @@ import os
 import sys
 import time
 
-# --autotune-off: XLA:GPU picks some code by timing; on two H200s tensor-parallel bits varied
-# between processes with it on and matched with it off (README, "Several devices").
+# --autotune-off: XLA:GPU's fusion autotuner picks native or Triton block-level code per fusion by
+# timing; on two H200s tensor-parallel bits varied between processes with it on and matched with it
+# off (README, "Several devices"; detjax.parallel.tensor_parallel requires it on GPUs).
 if "--autotune-off" in sys.argv and "xla_gpu_autotune_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0").strip()
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -117,7 +120,7 @@ def check_forward(model, n, which):
             meshes += [("dp2xtp4_forward", "2x4", par.make_mesh(2, 4))]
     for name, deg, mesh in meshes:
         t0 = time.time()
-        pm = par.tensor_parallel(model, mesh)
+        pm = par.tensor_parallel(model, mesh, allow_xla_autotuning=True)
         out = par.forward(pm, toks)
         eq, d = compare(out, ref)
         note = ""
@@ -181,7 +184,7 @@ def check_tp_grad(n):
         setups.append(("dp2xtp4_grad", "2x4", par.make_mesh(2, 4)))
     for name, deg, mesh in setups:
         t0 = time.time()
-        pm = par.tensor_parallel(model, mesh)
+        pm = par.tensor_parallel(model, mesh, allow_xla_autotuning=True)
         last = deg == max(degrees(n))
         if last:   # the largest degree through tp_train_step: gradients and the updated parameters
             loss, g, new_pm = par.tp_train_step(pm, toks, lr=lr, block_size=bs)
@@ -207,7 +210,7 @@ def check_tp_grad(n):
     if not QUICK and n >= 2:
         # the whole TP training with Megatron's backward (psum of the input-gradient partials)
         t0 = time.time()
-        pm = par.tensor_parallel(model, par.make_mesh(1, 2))
+        pm = par.tensor_parallel(model, par.make_mesh(1, 2), allow_xla_autotuning=True)
         loss, g = par.tp_value_and_grad(pm, toks, block_size=bs, grad_reduce="psum")
         eq, md = tree_compare((np.asarray(loss), jax.tree.map(np.asarray, g)), ref)
         bad = par.float_allreduces(par.tp_grad_hlo(pm, toks, block_size=bs, grad_reduce="psum"))
@@ -251,7 +254,7 @@ def check_generate(model, n):
             setups = [s for s in setups if (s[0][-2:], s[1]) in keep]
         for name, deg, mesh in setups:
             t0 = time.time()
-            out = par.generate(par.tensor_parallel(model, mesh), prompts, 6, **kw)
+            out = par.generate(par.tensor_parallel(model, mesh, allow_xla_autotuning=True), prompts, 6, **kw)
             eq = len(out) == len(ref) and all(
                 compare(a, b)[0] for a, b in zip(out.tokens + out.logprobs,
                                                  ref.tokens + ref.logprobs))
@@ -285,7 +288,7 @@ def check_negative(model, n):
         if t == max(degrees(n)):
             t0 = time.time()
             toks = rng.integers(0, model.config.vocab_size, (2, 12)).astype(np.int32)
-            pm = par.tensor_parallel(model, mesh, mode="psum")
+            pm = par.tensor_parallel(model, mesh, mode="psum", allow_xla_autotuning=True)
             out = par.forward(pm, toks)
             hlo = par._forward_jit.lower(pm, par.shard_batch(mesh, jnp.asarray(toks))) \
                 .compile().as_text()
@@ -333,7 +336,7 @@ def bench(n, size, reps):
             if deg == 1 and mode == "psum":
                 continue
             mesh = par.make_mesh(1, deg)
-            pm = par.tensor_parallel(model, mesh, mode=mode)
+            pm = par.tensor_parallel(model, mesh, mode=mode, allow_xla_autotuning=True)
             xt = par.shard_batch(mesh, jnp.asarray(toks))
             out, t = _time(lambda: par._forward_jit(pm, xt), reps)
             results[(impl, deg, mode)] = np.asarray(out)

@@ -169,17 +169,20 @@ def test_ordered_sum_is_sequential():
     assert float(par.ordered_sum(xs.astype(jnp.bfloat16))) == 1.0   # f32 accumulation
 
 
-def test_gpu_tp_warns_without_autotune_off(monkeypatch):
-    """TP on GPUs warns unless XLA_FLAGS turns XLA's autotuning off; CPU meshes never warn."""
+def test_gpu_tp_requires_autotune_off(monkeypatch):
+    """TP on GPUs raises unless XLA_FLAGS turns XLA's autotuning off (warns with
+    allow_xla_autotuning=True); CPU meshes and the flag pass silently."""
+    import warnings
     from types import SimpleNamespace
     gpu = SimpleNamespace(devices=np.array([SimpleNamespace(platform="gpu")] * 2))
     cpu = SimpleNamespace(devices=np.array([SimpleNamespace(platform="cpu")] * 2))
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-    with pytest.warns(RuntimeWarning, match="xla_gpu_autotune_level=0"):
-        par._warn_gpu_autotune(gpu)
-    import warnings
+    with pytest.raises(RuntimeError, match="xla_gpu_autotune_level=0.*allow_xla_autotuning"):
+        par._check_gpu_autotune(gpu, False)
+    with pytest.warns(RuntimeWarning, match="allow_xla_autotuning=True"):
+        par._check_gpu_autotune(gpu, True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        par._warn_gpu_autotune(cpu)
+        par._check_gpu_autotune(cpu, False)
         monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=0")
-        par._warn_gpu_autotune(gpu)
+        par._check_gpu_autotune(gpu, False)

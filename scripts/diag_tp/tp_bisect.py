@@ -22,7 +22,7 @@ for i, p in enumerate(prompts): toks[i, :len(p)] = p
 
 def study(tag, cfg):
     model = Transformer(cfg, rngs=nnx.Rngs(0))
-    pm = par.tensor_parallel(model, par.make_mesh(1, 2))
+    pm = par.tensor_parallel(model, par.make_mesh(1, 2), allow_xla_autotuning=True)
     # embed
     gd, st, specs = pm._split(); d, m = pm._d(), pm._m(); lp = _Local(pm)
     emb_tp = jax.jit(pm._smap(lambda s, t: lp._embed(nnx.merge(gd, s), t), (specs, P(d)), P(d)))(st, toks)
