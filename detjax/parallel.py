@@ -54,10 +54,11 @@ data-parallel (DP) nor the tensor-parallel (TP) degree can change the bits.
   a multiple of the DP degree with copies of the last prompt (rows are independent), and the copies
   are dropped.
 
-GPUs: on two H200s the TP results were bitwise equal to one device in some processes and 1 ulp
-off in others (same code, inputs and program; never varying within a process); with
-``XLA_FLAGS=--xla_gpu_autotune_level=0`` or XLA's fusion passes off they were equal (one trial
-each). ``tensor_parallel`` on a GPU mesh warns when the flag is missing (README, "Several devices").
+GPUs: tensor parallelism requires ``XLA_FLAGS=--xla_gpu_autotune_level=0`` (``tensor_parallel``
+raises without it). XLA's fusion autotuner picks a native or a Triton block-level emitter per fusion
+by timing, so per process, and the two round elementwise code differently: with default flags the
+TP=2 gradients on two H200s were 1 ulp off one device in 3 of 3 processes; with the flag every TP
+check was equal in 4 of 4 (README, "Several devices").
 """
 
 from __future__ import annotations
