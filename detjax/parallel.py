@@ -57,8 +57,8 @@ data-parallel (DP) nor the tensor-parallel (TP) degree can change the bits.
 GPUs: tensor parallelism requires ``XLA_FLAGS=--xla_gpu_autotune_level=0`` (``tensor_parallel``
 raises without it). XLA's fusion autotuner picks a native or a Triton block-level emitter per fusion
 by timing, so per process, and the two round elementwise code differently: with default flags the
-TP=2 gradients on two H200s were 1 ulp off one device in 3 of 3 processes; with the flag every TP
-check was equal in 4 of 4 (README, "Several devices").
+TP=2 gradients on two H200s were 1 ulp off one device in 3 of 3 processes; with the flag the TP
+forward, gradients and train step were equal in 4 of 4 (README, "Several devices").
 """
 
 from __future__ import annotations
