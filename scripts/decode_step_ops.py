@@ -19,15 +19,7 @@ from flax import nnx
 
 import pallas_kernels.backend as _backend
 from detjax.models.gemma import GemmaConfig, Transformer
-
-
-def _subjaxprs(params):
-    for v in params.values():
-        for sub in (v if isinstance(v, (list, tuple)) else [v]):
-            if hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
-                yield sub.jaxpr
-            elif hasattr(sub, "eqns"):
-                yield sub
+from detjax.transform import _open, _subjaxprs
 
 
 def count(jaxpr, counts):
@@ -38,8 +30,8 @@ def count(jaxpr, counts):
             counts["pallas " + str(info).split(" ")[0]] += 1
             continue
         counts[name] += 1
-        for sub in _subjaxprs(e.params):
-            count(sub, counts)
+        for sub in _subjaxprs(e):
+            count(_open(sub)[0], counts)
     return counts
 
 
