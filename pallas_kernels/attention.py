@@ -24,9 +24,9 @@ key makes the row NaN; a NaN/inf value at a valid key gives NaN/inf in that outp
 outside the interval (future keys, outside the window, past the length) never touch the row, not
 even as ``0 * NaN`` inside the ``p @ v`` dot (``_split_state``: a split whose accumulator comes
 out non-finite is folded again with ``_pv``'s guarded dots, which zero the non-finite values and
-count them exactly per row; for finite values both folds give the same bits). So decode, whose last split
-may hold a cache area past its length, agrees with prefill also for non-finite caches. (A valid key whose
-``p`` underflowed to exactly 0 still propagates its NaN/inf.)
+count them exactly per row; for finite values both folds give the same bits). So decode, whose
+last split may hold a cache area past its length, agrees with prefill also for non-finite caches.
+(A valid key whose ``p`` underflowed to exactly 0 still propagates its NaN/inf.)
 
 Reduction order (the product; see also ``pallas_kernels/order.py``)
 -------------------------------------------------------------------
@@ -385,9 +385,9 @@ def _load_kv_block(k_ref, v_ref, j, kv_len=None):
     With ``kv_len`` (backward kernels) rows ``>= kv_len`` are set to 0: there ``dp = do . v`` would
     carry a NaN of an unused cache area into ``ds = p * (dp - delta)`` as ``0 * NaN``. The forward
     kernels pass no ``kv_len`` for bf16/f16 (f32: see ``_split_state``) and feed the loaded tiles
-    straight to the dots (a select between the
-    load and the dot costs a register round trip and defeats Triton's load pipelining: 1.2x
-    prefill, 1.1x decode on the H100, run s4-2). That is exact: a key at or past the length is
+    straight to the dots (a select between the load and the dot costs a register round trip and
+    defeats Triton's load pipelining: 1.2x prefill, 1.1x decode on the H100, run s4-2). That is
+    exact: a key at or past the length is
     outside every row's interval, so its logit is replaced by ``-inf`` and its ``p`` is exactly 0;
     a finite value there enters ``p @ v`` only as exact zero products, and a non-finite one makes
     the split's accumulator non-finite, which sends the split through the guarded fold of
