@@ -313,3 +313,122 @@ def matmul_f64_reference(a, b, *, transpose_b=False):
     if transpose_b:
         b64 = np.swapaxes(b64, -1, -2)
     return a64 @ b64
+
+
+# ---------------------------------------------------------------------------------------------
+# Grouped weights: one launch for several weights in "heads" layout, without transposing them.
+
+
+def _grouped_kernel(a_ref, *refs, n_w, starts, k_tiles, block_k, acc_dtype, precision):
+    """Program ``(i, c)``: column tile ``c`` of the concatenated outputs. Column tiles
+    ``[starts[w], starts[w + 1])`` belong to weight ``w``; only that weight is read and only its
+    output written (``pl.when``). The K loop is ``_matmul_kernel``'s, instruction for instruction."""
+    b_refs, o_refs = refs[:n_w], refs[n_w:]
+    c = pl.program_id(1)
+    bm = a_ref.shape[0]
+    trips = _backend.opaque_trip_count(k_tiles)   # read outside pl.when (interpret mode needs it)
+
+    for w in range(n_w):
+        b_ref, o_ref = b_refs[w], o_refs[w]
+
+        @pl.when((c >= starts[w]) & (c < starts[w + 1]))
+        def _(b_ref=b_ref, o_ref=o_ref):
+            bn = o_ref.shape[-1]
+
+            def body(t, acc):
+                ks = pl.ds(pl.multiple_of(t * block_k, block_k), block_k)
+                prod = lax.dot_general(a_ref[:, ks], b_ref[0, ks, :], (((1,), (0,)), ((), ())),
+                                       precision=precision, preferred_element_type=acc_dtype)
+                return acc + prod
+
+            acc = lax.fori_loop(0, trips, body, jnp.zeros((bm, bn), acc_dtype))
+            o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def grouped_block_n(heads_dims, cfg_block_n: int) -> int | None:
+    """The N tile for weights of head dims ``heads_dims``: the largest power of two <= the
+    configuration's ``block_n`` dividing every head dim, or ``None`` if that is below 16 (Triton's
+    smallest dot)."""
+    bn = cfg_block_n
+    while bn >= 16 and any(h % bn for h in heads_dims):
+        bn //= 2
+    return bn if bn >= 16 else None
+
+
+def grouped_matmul_call(a, weights, *, out_dtype=None, precision="highest", backend=None,
+                        config: TileConfig | None = None, _interpret_kernel: bool = False):
+    """``[a @ w.transpose(1, 0, 2).reshape(K, G * H) for w in weights]`` in one GPU launch.
+
+    Args:
+      a: ``[M, K]``.
+      weights: tuple of ``[G_w, K, H_w]`` arrays (e.g. Gemma's ``[heads, d_model, head_dim]``
+        projections; a plain ``[K, N]`` weight is ``[1, K, N]``), all of ``a``'s dtype.
+      out_dtype, precision, backend: as ``matmul_kernel_call``.
+      config: GPU tile; ``None`` picks by the total N (every choice gives the same bits).
+
+    Returns:
+      a tuple of ``[M, G_w * H_w]`` arrays, column ``g * H_w + h`` of output ``w`` being
+      ``sum_k a[:, k] * w[g, k, h]``.
+
+    Each output column is computed by ``_matmul_kernel``'s instruction sequence (same 64-wide K
+    tiles from k = 0, same f32 accumulator, same tensor-core k-steps), so it has the bits of
+    ``matmul_kernel_call`` on the transposed weight; only the programs' tiling in N differs, which
+    does not change bits on the GPU (``tests/test_matmul.py::test_gpu_grouped_matches_matmul``).
+    The weights are read in place (no transpose copy). Off the GPU (and for head dims that are not
+    multiples of 16) it runs ``matmul_kernel_call`` on transposed weights (``_interpret_kernel``:
+    run the grouped kernel in interpret mode instead, to test its indexing on a CPU).
+    """
+    be = _backend.resolve(backend)
+    M, K = a.shape
+    out_dtype = jnp.dtype(out_dtype or a.dtype)
+    hs = [w.shape[2] for w in weights]
+    n_total = sum(w.shape[0] * w.shape[2] for w in weights)
+    cfg = None
+    if be == "gpu" or _interpret_kernel:
+        cfg = config or (gpu_config_for(M, n_total, K) if be == "gpu"
+                         else TileConfig(INTERPRET_BLOCK_M, INTERPRET_BLOCK_N))
+        bn = grouped_block_n(hs, cfg.block_n)
+        cfg = None if bn is None else fit_shared_memory(dataclasses.replace(cfg, block_n=bn),
+                                                        a.dtype.itemsize)
+    if cfg is None:
+        return tuple(
+            matmul_kernel_call(a[None], jnp.transpose(w, (1, 0, 2)).reshape(1, K, -1),
+                               out_dtype=out_dtype, precision=precision, backend=be)[0]
+            for w in weights)
+    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+    Mp, Kp = round_up(max(M, 1), bm), round_up(max(K, 1), bk)
+    if (Mp, Kp) != (M, K):
+        a = jnp.pad(a, ((0, Mp - M), (0, Kp - K)))
+    if Kp != K:
+        weights = tuple(jnp.pad(w, ((0, 0), (0, Kp - K), (0, 0))) for w in weights)
+    tiles = [w.shape[0] * w.shape[2] // bn for w in weights]
+    starts = [0]
+    for t in tiles:
+        starts.append(starts[-1] + t)
+
+    def b_map(w, nt, nh):
+        s0 = starts[w]
+        return lambda i, c: (jnp.clip(c - s0, 0, nt - 1) // nh, 0, jnp.clip(c - s0, 0, nt - 1) % nh)
+
+    def o_map(w, nt):
+        s0 = starts[w]
+        return lambda i, c: (i, jnp.clip(c - s0, 0, nt - 1))
+
+    compiler_params = None
+    if be == "gpu":
+        from jax.experimental.pallas import triton as pltriton
+        compiler_params = pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    outs = pl.pallas_call(
+        functools.partial(_grouped_kernel, n_w=len(weights), starts=tuple(starts),
+                          k_tiles=Kp // bk, block_k=bk, acc_dtype=jnp.float32,
+                          precision=_dot_precision(a.dtype, precision)),
+        grid=(Mp // bm, starts[-1]),
+        in_specs=[pl.BlockSpec((bm, Kp), lambda i, c: (i, 0))]
+        + [pl.BlockSpec((1, Kp, bn), b_map(w, tiles[w], hs[w] // bn)) for w in range(len(weights))],
+        out_specs=[pl.BlockSpec((bm, bn), o_map(w, tiles[w])) for w in range(len(weights))],
+        out_shape=[jax.ShapeDtypeStruct((Mp, w.shape[0] * w.shape[2]), out_dtype) for w in weights],
+        interpret=be != "gpu",
+        compiler_params=compiler_params,
+        name="detjax_matmul_grouped",
+    )(a, *weights)
+    return tuple(o[:M] if Mp != M else o for o in outs)

@@ -226,3 +226,93 @@ def test_gpu_tiles_fit_shared_memory_for_every_dtype():
         assert max(f32.num_stages - 1, 1) * (f32.block_m + f32.block_n) * f32.block_k * 4 \
             <= mm.GPU_SMEM_BUDGET, name
     assert mm.fit_shared_memory(mm.GPU_CONFIGS["small_deep"], 4).num_stages < 6
+
+
+# --- weights in "heads" layout [G, K, H]: grouped kernel and head_projections ---------------
+
+def _heads_ref(x, w):
+    """float64 ``einsum('...d,gdh->...gh')``."""
+    return np.einsum("...d,gdh->...gh", np.asarray(jnp.asarray(x, jnp.float32), np.float64),
+                     np.asarray(jnp.asarray(w, jnp.float32), np.float64))
+
+
+@pytest.mark.parametrize("m,k", [(1, 130), (7, 100), (33, 64)])
+def test_grouped_kernel_indexing_interpret(rng, m, k):
+    """The grouped kernel's tile -> (weight, head, column) maps, run in interpret mode."""
+    a = randn(rng, (m, k), jnp.float32)
+    ws = tuple(randn(rng, (g, k, h), jnp.float32) for g, h in ((4, 32), (2, 64), (3, 16)))
+    outs = mm.grouped_matmul_call(a, ws, _interpret_kernel=True, config=mm.TileConfig(16, 32, 64))
+    for o, w in zip(outs, ws):
+        ref = _heads_ref(a, w).reshape(m, -1)
+        assert o.shape == ref.shape
+        assert rel_err(o, ref) < 2e-6
+
+
+def test_grouped_block_n():
+    assert mm.grouped_block_n([256, 256], 256) == 256
+    assert mm.grouped_block_n([256, 128], 256) == 128
+    assert mm.grouped_block_n([96], 64) == 32
+    assert mm.grouped_block_n([72], 64) is None     # falls back to the transposed matmul
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_head_projections_equal_separate_projections(rng, dtype):
+    """Every output of head_projections has the bits of its own einsum (on the GPU: one launch of
+    the grouped kernel), and rows are batch-invariant."""
+    x = randn(rng, (5, 3, 96), dtype)
+    ws = [randn(rng, (g, 96, 32), dtype) for g in (4, 2, 2)]
+    outs = ops._linalg.head_projections(x, ws)
+    for i, (o, w) in enumerate(zip(outs, ws)):
+        assert_bitwise_equal(o, ops.einsum("BTD,NDH->BTNH", x, w), f"output {i} vs einsum")
+        assert rel_err(o, _heads_ref(x, w)) < TOL[jnp.dtype(dtype)]
+    alone = ops._linalg.head_projections(x[2:3, 1:2], ws)
+    for i, (o, a) in enumerate(zip(outs, alone)):
+        assert_bitwise_equal(a[0, 0], o[2, 1], f"output {i}: row alone vs in batch")
+
+
+def test_head_projections_gradients(rng):
+    x = randn(rng, (4, 64), jnp.float32)
+    ws = [randn(rng, (g, 64, 16), jnp.float32) for g in (2, 1)]
+
+    def loss(f):
+        return lambda x, ws: sum(jnp.sum(jnp.sin(o)) for o in f(x, ws))
+    got = jax.grad(loss(ops._linalg.head_projections), argnums=(0, 1))(x, ws)
+    want = jax.grad(loss(lambda x, ws: [jnp.einsum("md,gdh->mgh", x, w, precision="highest")
+                                        for w in ws]), argnums=(0, 1))(x, ws)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert rel_err(a, np.asarray(b, np.float64)) < 1e-5
+    again = jax.grad(loss(ops._linalg.head_projections), argnums=(0, 1))(x, ws)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(again)):
+        assert_bitwise_equal(a, b, "gradient run to run")
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda: ops._linalg.head_projections(jnp.ones((3, 4)), []), "at least one weight"),
+    (lambda: ops._linalg.head_projections(jnp.ones((3, 4)), [jnp.ones((2, 5, 8))]), r"weights\[0\] must have shape"),
+    (lambda: ops._linalg.head_projections(jnp.ones((3, 4)), [jnp.ones((4, 8))]), r"weights\[0\] must have shape"),
+    (lambda: ops._linalg.head_projections(jnp.ones((3, 4), jnp.int32), [jnp.ones((1, 4, 8))]), "x must be a floating"),
+])
+def test_head_projections_bad_input(call, words):
+    with pytest.raises((ValueError, TypeError), match=words):
+        call()
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("m", [1, 8, 33, 300])
+def test_gpu_grouped_matches_matmul(rng, dtype, m):
+    """The grouped kernel (weights read in place, one launch) gives the bits of the plain kernel on
+    the transposed weights, for decode and prefill row counts; dot_general on a [G, K, H] weight
+    (which now takes the grouped kernel) too."""
+    k = 320
+    a = randn(rng, (m, k), dtype)
+    ws = tuple(randn(rng, (g, k, h), dtype) for g, h in ((8, 128), (2, 128), (2, 128)))
+    outs = mm.grouped_matmul_call(a, ws)
+    for i, (o, w) in enumerate(zip(outs, ws)):
+        plain = mm.matmul_kernel_call(a[None], jnp.transpose(w, (1, 0, 2)).reshape(1, k, -1))[0]
+        assert_bitwise_equal(o, plain, f"weight {i}: grouped vs plain kernel")
+        dg = ops.dot_general(a, w, (((1,), (1,)), ((), ())))
+        assert_bitwise_equal(dg.reshape(m, -1), plain, f"weight {i}: dot_general on [G, K, H]")
+    for name, cfg in mm.GPU_CONFIGS.items():
+        o = mm.grouped_matmul_call(a, ws, config=cfg)[1]
+        assert_bitwise_equal(o, outs[1], f"grouped kernel, config {name}")

@@ -71,14 +71,15 @@ def ops(impl=None):
 
 def _detjax_namespace():
     import detjax.ops as dops
-    from detjax.ops import _attention
+    from detjax.ops import _attention, _linalg
 
     return types.SimpleNamespace(
         name="detjax", matmul=dops.matmul, einsum=dops.einsum, dot_general=dops.dot_general,
         sum=dops.sum, mean=dops.mean, max=dops.max, logsumexp=dops.logsumexp,
         softmax=dops.softmax, log_softmax=dops.log_softmax, argmax=dops.argmax,
         rms_norm=dops.rms_norm, attention=_attention.attention,
-        decode_attention=_attention.decode_attention, cumsum=dops.cumsum, isolated=dops.isolated)
+        decode_attention=_attention.decode_attention, cumsum=dops.cumsum, isolated=dops.isolated,
+        head_projections=_linalg.head_projections)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,7 +179,9 @@ XLA = types.SimpleNamespace(
     log_softmax=lambda x, axis=-1, **kw: jax.nn.log_softmax(x, axis=axis),
     argmax=lambda x, axis=-1, keepdims=False, **kw: jnp.argmax(x, axis=axis, keepdims=keepdims),
     rms_norm=_x_rms_norm, attention=_x_attention, decode_attention=_x_decode_attention,
-    cumsum=lambda x, axis=-1: jnp.cumsum(x, axis=axis), isolated=lambda fn, *args: fn(*args))
+    cumsum=lambda x, axis=-1: jnp.cumsum(x, axis=axis), isolated=lambda fn, *args: fn(*args),
+    head_projections=lambda x, ws, **kw: [jnp.einsum("...d,gdh->...gh", x, w, precision=_HI)
+                                          for w in ws])
 
 
 class _LazyDetjax:

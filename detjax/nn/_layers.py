@@ -175,8 +175,22 @@ class Attention(nnx.Module):
         self.rope_base, self.rope_scale_factor = float(rope_base), float(rope_scale_factor)
         self.dtype, self.param_dtype, self.impl = dtype, param_dtype, check_impl(impl)
 
+    def _project(self, x):
+        """``(q_proj(x), k_proj(x), v_proj(x))``; on detjax one ``head_projections`` call (one
+        kernel launch on the GPU, bitwise the values of the three separate projections)."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        o = ops(self.impl)
+        heads_eq = {"BTD,NDH->BTNH", "BSD,KDH->BSKH"}
+        if o.name != "detjax" or any(p.equation not in heads_eq for p in projs):
+            return tuple(p(x) for p in projs)
+        ws = [p.w[...] for p in projs]
+        dts = [_compute_dtype(x, w, p.dtype) for p, w in zip(projs, ws)]
+        if any(d != dts[0] for d in dts):
+            return tuple(p(x) for p in projs)
+        return tuple(o.head_projections(x.astype(dts[0]), [w.astype(dts[0]) for w in ws]))
+
     def _qkv(self, x, positions):
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self._project(x)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         rope = dict(base=self.rope_base, scale_factor=self.rope_scale_factor, impl=self.impl)

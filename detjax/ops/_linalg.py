@@ -21,9 +21,9 @@ from jax import lax
 
 from detjax.ops._checks import check_array, check_float_dtype
 from pallas_kernels import backend as _backend
-from pallas_kernels.matmul import matmul_kernel_call
+from pallas_kernels.matmul import grouped_matmul_call, matmul_kernel_call
 
-__all__ = ["matmul", "dot_general", "einsum"]
+__all__ = ["matmul", "dot_general", "einsum", "head_projections"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,6 +53,43 @@ def _bmm_bwd(transpose_b, out_dtype, precision, backend, res, g):
 
 
 _bmm.defvjp(_bmm_fwd, _bmm_bwd)
+
+
+# [M, K] against weights in "heads" layout [G, K, H] (GPU: read in place, one launch for all).
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _grouped(a, ws, out_dtype, precision, backend):
+    return grouped_matmul_call(a, ws, out_dtype=out_dtype, precision=precision, backend=backend)
+
+
+def _grouped_fwd(a, ws, out_dtype, precision, backend):
+    return _grouped(a, ws, out_dtype, precision, backend), (a, ws)
+
+
+def _grouped_bwd(out_dtype, precision, backend, res, gs):
+    """Per weight, ``_bmm_bwd`` on the transposed ``[K, G * H]`` weight; ``da`` summed over the
+    weights in their order."""
+    a, ws = res
+    da, dws = None, []
+    for w, g in zip(ws, gs):
+        G, K, H = w.shape
+        b = jnp.transpose(w, (1, 0, 2)).reshape(1, K, G * H)
+        da_w, db = _bmm_bwd(False, out_dtype, precision, backend, (a[None], b), g[None])
+        da = da_w[0] if da is None else da + da_w[0]
+        dws.append(jnp.transpose(db[0].reshape(K, G, H), (1, 0, 2)))
+    return da, tuple(dws)
+
+
+_grouped.defvjp(_grouped_fwd, _grouped_bwd)
+
+
+def _heads_layout(rhs_ndim, rc, rb):
+    """``(lead, tail)`` free dims if the rhs is ``[lead..., contracting..., tail...]`` with both
+    non-empty and no batch dims (a Gemma ``[N, D, H]`` projection), else ``None``."""
+    if rb or not rc or tuple(rc) != tuple(range(rc[0], rc[0] + len(rc))):
+        return None
+    lead, tail = tuple(range(rc[0])), tuple(range(rc[-1] + 1, rhs_ndim))
+    return (lead, tail) if lead and tail else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,13 +201,20 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     if 0 in (B, M, N):
         return jnp.zeros(out_shape, out_dtype)
     a = jnp.transpose(lhs.astype(compute), lb + lf + lc).reshape(B, M, K)
+    be = _backend.resolve(backend)
+    heads = _heads_layout(rhs.ndim, rc, rb) if be == "gpu" else None
+    if heads is not None:   # [G, K, H] weight: read in place instead of transposing it to [K, G*H]
+        g = math.prod(rhs.shape[d] for d in heads[0])
+        w = rhs.astype(compute).reshape(g, K, N // g)
+        out = _grouped(a[0], (w,), jnp.dtype(out_dtype).name, prec, be)[0]
+        return out.reshape(out_shape)
     # Keep the rhs in its stored layout when its contracting dims are already trailing ([.., N, K]).
     transpose_b = rb + rf + rc == tuple(range(rhs.ndim)) and len(rc) > 0 and len(rf) > 0
     if transpose_b:
         b = rhs.astype(compute).reshape(B, N, K)
     else:
         b = jnp.transpose(rhs.astype(compute), rb + rc + rf).reshape(B, K, N)
-    out = _bmm(a, b, transpose_b, jnp.dtype(out_dtype).name, prec, _backend.resolve(backend))
+    out = _bmm(a, b, transpose_b, jnp.dtype(out_dtype).name, prec, be)
     return out.reshape(out_shape)
 
 
@@ -247,3 +291,37 @@ def _presum_unique_indices(subscripts, operands, backend):
         new_terms.append(t)
         new_ops.append(op)
     return ",".join(new_terms) + "->" + out, new_ops
+
+
+def head_projections(x, weights, *, precision=None, preferred_element_type=None, backend=None):
+    """Several projections of the same input: ``[einsum('...d,gdh->...gh', x, w) for w in weights]``.
+
+    ``x``: ``[..., D]``; ``weights``: a sequence of ``[G_i, D, H_i]`` arrays (Gemma's q/k/v
+    projections ``[heads, d_model, head_dim]``). Every output has bitwise the values of
+    ``dot_general`` with that weight alone; on the GPU all of them come from one kernel launch that
+    reads the weights in place (a decode step of a small model is launch-bound). Differentiable
+    (the backward is ``dot_general``'s, per weight; ``x``'s gradient sums them in order).
+    """
+    x = check_array(x, "x")
+    weights = [check_array(w, f"weights[{i}]") for i, w in enumerate(weights)]
+    if not weights:
+        raise ValueError("head_projections needs at least one weight")
+    if x.ndim < 1:
+        raise ValueError(f"x must have rank >= 1; got shape {tuple(x.shape)}")
+    for i, w in enumerate(weights):
+        if w.ndim != 3 or w.shape[1] != x.shape[-1]:
+            raise ValueError(f"weights[{i}] must have shape [G, D={x.shape[-1]}, H]; got "
+                             f"{tuple(w.shape)}")
+    compute = check_float_dtype(x, "x", backend)
+    for i, w in enumerate(weights):
+        compute = jnp.promote_types(compute, check_float_dtype(w, f"weights[{i}]", backend))
+    kw = dict(precision=precision, preferred_element_type=preferred_element_type, backend=backend)
+    be = _backend.resolve(backend)
+    lead = x.shape[:-1]
+    if be != "gpu" or len(weights) == 1 or math.prod(lead) == 0:
+        return [dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), **kw) for w in weights]
+    out_dtype = _out_dtype(compute, preferred_element_type)
+    a = x.astype(compute).reshape(-1, x.shape[-1])
+    ws = tuple(w.astype(compute) for w in weights)
+    outs = _grouped(a, ws, jnp.dtype(out_dtype).name, _precision_name(precision), be)
+    return [o.reshape(lead + (w.shape[0], w.shape[2])) for o, w in zip(outs, ws)]
