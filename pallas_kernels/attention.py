@@ -52,7 +52,7 @@ Reduction order (the product; see also ``pallas_kernels/order.py``)
 Prefill (``attention_fwd_call``) does all of this in one kernel: a split-local state and a total
 state live in registers, merged at split boundaries; blocks and splits outside the q block's union
 of intervals are skipped. Decode (``decode_call``) runs one program per split and per 16 rows
-(``decode_block_rows``; its state written to HBM), then a second Pallas kernel merges the splits in ascending order with the *same*
+(bf16/f16; 64 for f32: ``decode_block_rows``; its state written to HBM), then a second Pallas kernel merges the splits in ascending order with the *same*
 ``_merge_states``/``_finalize`` code, so prefill and decode run the same instruction sequence per
 row (never an XLA merge on one path and a Pallas merge on the other: XLA's and Triton's ``exp``
 differ in bits). Every in-kernel reduction (``max``/``sum`` over the 64 keys of a block, the
@@ -117,7 +117,7 @@ def gpu_config(head_dim: int, kernel: str = "prefill") -> tuple[int, int]:
     1.4-1.6x faster prefill and decode (run s4-4, ``results/README.md``); the 11 output hashes of
     ``scripts/output_hashes.py`` did not move (run s4-5).
 
-    ``kernel="decode"`` (the decode split/merge kernels, whose q tile has 16 rows, see
+    ``kernel="decode"`` (the bf16/f16 decode split/merge kernels, whose q tile has 16 rows, see
     ``decode_block_rows``) uses 2 stages at head dims above 128: the smaller tile leaves the shared
     memory for a second K/V stage; 1.2x faster decode at head dim 256 on the H100 with the same
     bits (run s5-3).
@@ -545,10 +545,14 @@ def decode_block_rows(rows: int) -> int:
     depend on how many rows share its tile: every per-row quantity (the ``q . k`` dots, the max and
     sum over the 64 keys of a block, ``p @ v``) is computed along the key or head axis of that row
     alone, and the GPU gave bitwise the same decode outputs, and decode = prefill, with 16 and 64
-    rows (run s5-3: head dims 128 and 256, soft-cap, window, NaN/inf past the lengths;
+    rows for bf16 (run s5-3: head dims 128 and 256, soft-cap, window, NaN/inf past the lengths;
     ``tests/test_attention.py::test_gpu_decode_row_block_does_not_change_bits``); 2.1x faster at
-    head dim 256, 1.2-1.5x at 128. Interpret mode keeps 64-row tiles (XLA's CPU dot bits depend on
-    the tile shape)."""
+    head dim 256, 1.2-1.5x at 128.
+
+    Only bf16/f16 use it. Triton's float32 dot (FMA, ``precision=HIGHEST``) gave different bits for
+    a 16-row and a 64-row q tile (run s5-5: f32 decode = prefill failed), so f32 decode keeps the
+    prefill kernels' 64-row tile and configuration. Interpret mode keeps 64-row tiles too (XLA's CPU
+    dot bits depend on the tile shape)."""
     return int(min(DECODE_BLOCK_Q, max(16, pl.next_power_of_2(max(int(rows), 1)))))
 
 
@@ -560,7 +564,9 @@ def decode_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig, rows: int | None = Non
     be = _backend.resolve(cfg.backend)
     _check_backend(be)
     b, kh, rp, hp = qp.shape
-    rb = decode_block_rows(rp if rows is None else rows) if be == "gpu" else BLOCK_Q
+    small = be == "gpu" and qp.dtype != jnp.float32    # 16-row tiles: bf16/f16 only (see below)
+    rb = decode_block_rows(rp if rows is None else rows) if small else BLOCK_Q
+    kind = "decode" if small else "prefill"
     ru = _round_up(rp if rows is None else max(int(rows), 1), rb)
     if ru < rp:
         qp, lo, hi, kvl = qp[:, :, :ru], lo[:, :ru], hi[:, :ru], kvl[:, :ru]
@@ -582,7 +588,7 @@ def decode_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig, rows: int | None = Non
                    jax.ShapeDtypeStruct((b, kh, ns, rp), jnp.float32),
                    jax.ShapeDtypeStruct((b, kh, ns, rp, hp), jnp.float32)],
         interpret=_backend.interpret_arg(be),
-        compiler_params=_compiler_params(be, hp, "decode"),
+        compiler_params=_compiler_params(be, hp, kind),
         name="detjax_decode_attention_split",
     )(lo, hi, kvl, qp, kp, vp)
     return pl.pallas_call(
@@ -594,7 +600,7 @@ def decode_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig, rows: int | None = Non
         out_specs=qrow_spec,
         out_shape=jax.ShapeDtypeStruct(qp.shape, qp.dtype),
         interpret=_backend.interpret_arg(be),
-        compiler_params=_compiler_params(be, hp, "decode"),
+        compiler_params=_compiler_params(be, hp, kind),
         name="detjax_decode_attention_merge",
     )(m, l, acc)
 
