@@ -65,26 +65,45 @@ def _chunks(n):
     return _backend.opaque_trip_count(pl.cdiv(n, REDUCE_CHUNK))
 
 
-def _fold(ref, n, resident, body, init):
+# On the GPU a long row's loop loads LOOP_UNROLL chunks before folding them (in ascending order,
+# the very same per-lane operations): one program per row with one 4 KB load in flight at a time
+# was latency-bound (a log_softmax over [8, 256000] logits read ~4 GB/s per row). The fold order
+# does not change, so neither do the bits
+# (tests/test_reductions.py::test_gpu_unrolled_loop_bitwise_equal). Interpret mode: no unrolling.
+LOOP_UNROLL = 8
+
+
+def _fold(ref, n, resident, body, init, unroll=1):
     """``body((v, idx, mask), carry)`` over the row's chunks in ascending order."""
     if resident is not None:
         carry = init
         for chunk in resident:
             carry = body(chunk, carry)
         return carry
+    nch = pl.cdiv(n, REDUCE_CHUNK)
+    if unroll > 1 and nch >= 2 * unroll:
+        def body_u(i, c):
+            chunks = [_load(ref, i * unroll + u, n, 0) for u in range(unroll)]
+            for chunk in chunks:
+                c = body(chunk, c)
+            return c
+        init = lax.fori_loop(0, _backend.opaque_trip_count(nch // unroll), body_u, init)
+        start = nch // unroll * unroll
+        return lax.fori_loop(start, start + _backend.opaque_trip_count(nch - start),
+                             lambda j, c: body(_load(ref, j, n, 0), c), init)
     return lax.fori_loop(0, _chunks(n), lambda j, c: body(_load(ref, j, n, 0), c), init)
 
 
-def _lane_sum(ref, n, acc_dtype, fn=lambda v: v, resident=None):
+def _lane_sum(ref, n, acc_dtype, fn=lambda v: v, resident=None, unroll=1):
     """Fixed-order sum of fn(x) over a row: ascending chunks into C lanes, then one [C] tree."""
     def body(chunk, acc):
         v, _, mask = chunk
         return acc + jnp.where(mask, fn(v.astype(acc_dtype)), 0)
-    lanes = _fold(ref, n, resident, body, jnp.zeros((REDUCE_CHUNK,), acc_dtype))
+    lanes = _fold(ref, n, resident, body, jnp.zeros((REDUCE_CHUNK,), acc_dtype), unroll)
     return jnp.sum(lanes)
 
 
-def _lane_max(ref, n, acc_dtype, resident=None):
+def _lane_max(ref, n, acc_dtype, resident=None, unroll=1):
     """Exact max; NaN is counted separately because the GPU's max instruction drops NaN."""
     def body(chunk, carry):
         acc, nans = carry
@@ -92,7 +111,7 @@ def _lane_max(ref, n, acc_dtype, resident=None):
         v = jnp.where(mask, v.astype(acc_dtype), -jnp.inf)
         return jnp.maximum(acc, v), nans + jnp.where(v != v, 1.0, 0.0).astype(acc_dtype)
     init = (jnp.full((REDUCE_CHUNK,), -jnp.inf, acc_dtype), jnp.zeros((REDUCE_CHUNK,), acc_dtype))
-    lanes, nans = _fold(ref, n, resident, body, init)
+    lanes, nans = _fold(ref, n, resident, body, init, unroll)
     return jnp.where(jnp.sum(nans) > 0, jnp.nan, jnp.max(lanes)).astype(acc_dtype)
 
 
@@ -100,7 +119,7 @@ def _safe_max(m):
     return jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
 
 
-def _row_kernel(*refs, op, n, eps, offset, acc_dtype, resident):
+def _row_kernel(*refs, op, n, eps, offset, acc_dtype, resident, unroll=1):
     from jax.experimental.pallas import triton as plgpu
     if op == "rms_norm":
         x_ref, w_ref, o_ref = refs
@@ -110,19 +129,20 @@ def _row_kernel(*refs, op, n, eps, offset, acc_dtype, resident):
     chunks = [_load(x_ref, j, n, 0) for j in range(pl.cdiv(n, REDUCE_CHUNK))] if resident else None
 
     def for_each_chunk(fn):
-        _fold(x_ref, n, chunks, lambda chunk, carry: fn(chunk), None)
+        _fold(x_ref, n, chunks, lambda chunk, carry: fn(chunk), None, unroll)
 
     if op in ("sum", "mean"):
-        total = _lane_sum(x_ref, n, acc_dtype, resident=chunks)
+        total = _lane_sum(x_ref, n, acc_dtype, resident=chunks, unroll=unroll)
         if op == "mean":
             total = total / n_static
         o_ref[...] = jnp.full(o_ref.shape, total, o_ref.dtype)
         return
     if op == "max":
-        o_ref[...] = jnp.full(o_ref.shape, _lane_max(x_ref, n, acc_dtype, resident=chunks), o_ref.dtype)
+        m = _lane_max(x_ref, n, acc_dtype, resident=chunks, unroll=unroll)
+        o_ref[...] = jnp.full(o_ref.shape, m, o_ref.dtype)
         return
     if op == "rms_norm":
-        ss = _lane_sum(x_ref, n, acc_dtype, lambda v: v * v, resident=chunks)
+        ss = _lane_sum(x_ref, n, acc_dtype, lambda v: v * v, resident=chunks, unroll=unroll)
         r = lax.rsqrt(ss / n_static + eps)
 
         def write_rms(chunk):
@@ -133,10 +153,10 @@ def _row_kernel(*refs, op, n, eps, offset, acc_dtype, resident):
         for_each_chunk(write_rms)
         return
 
-    m = _lane_max(x_ref, n, acc_dtype, resident=chunks)
+    m = _lane_max(x_ref, n, acc_dtype, resident=chunks, unroll=unroll)
     if op == "logsumexp":  # like jax.nn.logsumexp; softmax keeps the raw max (+inf -> NaN, IEEE)
         m = _safe_max(m)
-    s = _lane_sum(x_ref, n, acc_dtype, lambda v: jnp.exp(v - m), resident=chunks)
+    s = _lane_sum(x_ref, n, acc_dtype, lambda v: jnp.exp(v - m), resident=chunks, unroll=unroll)
     if op == "logsumexp":
         o_ref[...] = jnp.full(o_ref.shape, m + jnp.log(s), o_ref.dtype)
         return
@@ -174,7 +194,8 @@ def row_reduce(x, op: str, *, weight=None, eps: float = 1e-6, offset: float = 1.
     elif resident is None:
         resident = pl.cdiv(x.shape[1], REDUCE_CHUNK) <= RESIDENT_MAX_CHUNKS
     kernel = functools.partial(_row_kernel, op=op, n=x.shape[1], eps=eps, offset=offset,
-                               acc_dtype=acc_dtype_for(x.dtype), resident=bool(resident))
+                               acc_dtype=acc_dtype_for(x.dtype), resident=bool(resident),
+                               unroll=LOOP_UNROLL if be == "gpu" else 1)
     return call_row_kernel(kernel, x, name=f"detjax_row_{op}", out_dtype=out_dtype,
                            elementwise=op in ("softmax", "log_softmax", "rms_norm"), backend=be,
                            shared=(weight,) if op == "rms_norm" else ())

@@ -106,3 +106,20 @@ def test_dtypes_and_bf16():
     assert jax.jit(lin)(X).dtype == jnp.bfloat16
     lin2 = dnn.Linear(32, 8, dtype=jnp.float32, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     assert lin2.kernel[...].dtype == jnp.bfloat16 and jax.jit(lin2)(X).dtype == jnp.float32
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7)])
+def test_fused_projections_equal_separate_layers(dtype, shape):
+    """Attention's q/k/v and FeedForward's gate/up run as one ``head_projections`` call each (one
+    kernel launch on the GPU); every output equals, bitwise, its own layer's call."""
+    rngs = nnx.Rngs(3)
+    attn = dnn.Attention(64, 4, 2, 32, dtype=dtype, rngs=rngs)
+    ff = dnn.FeedForward(64, 96, dtype=dtype, rngs=rngs)
+    x = jax.random.normal(jax.random.key(5), shape + (64,), dtype)
+    fused = attn._project(x)
+    for name, a, b in zip("qkv", fused, (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))):
+        assert _beq(a, b), f"{name}_proj fused vs separate"
+    g, u = ff._gate_up(x)
+    assert _beq(g, ff.gate(x)), "gate fused vs separate"
+    assert _beq(u, ff.up(x)), "up fused vs separate"

@@ -200,3 +200,27 @@ def test_gpu_resident_rows_bitwise_equal_to_loop(rng, n, dtype):
         loop = red.row_reduce(x, op, resident=False, **kw)
         kept = red.row_reduce(x, op, resident=True, **kw)
         assert_bitwise_equal(kept, loop, f"{op} n={n}")
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the unrolled row loop exists on the GPU only")
+@pytest.mark.parametrize("n", [16384, 16385, 40000, 256000])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_gpu_unrolled_loop_bitwise_equal(rng, n, dtype, monkeypatch):
+    """Long rows load LOOP_UNROLL chunks per loop trip on the GPU; the fold runs the same per-lane
+    operations in the same order as the one-chunk loop: the same bits (NaN row included)."""
+    x = randn(rng, (3, n), dtype) * 3
+    x = x.at[1, n // 3].set(jnp.nan)
+    w = randn(rng, (n,), dtype)
+
+    def run():
+        jax.clear_caches()
+        return {op: red.row_reduce(x, op, **(dict(weight=w) if op == "rms_norm" else {}))
+                for op in red.OPS}
+
+    unrolled = run()
+    monkeypatch.setattr(red, "LOOP_UNROLL", 1)
+    plain = run()
+    monkeypatch.undo()
+    jax.clear_caches()
+    for op in red.OPS:
+        assert_bitwise_equal(unrolled[op], plain[op], f"{op} n={n}: unrolled vs one chunk per trip")

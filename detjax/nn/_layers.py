@@ -244,9 +244,24 @@ class FeedForward(nnx.Module):
         self.down = Linear(hidden_dim, d_model, **kw)
         self.dtype, self.param_dtype, self.impl = dtype, param_dtype, check_impl(impl)
 
+    def _gate_up(self, x):
+        """``(gate(x), up(x))``; on detjax one ``head_projections`` call (one kernel launch on the
+        GPU for both weights, bitwise the values of the two separate matmuls)."""
+        o = ops(self.impl)
+        lin = (self.gate, self.up)
+        if o.name != "detjax" or any(m.bias is not None for m in lin):
+            return tuple(m(x) for m in lin)
+        ws = [m.kernel[...] for m in lin]
+        dts = [_compute_dtype(x, w, m.dtype) for m, w in zip(lin, ws)]
+        if dts[0] != dts[1]:
+            return tuple(m(x) for m in lin)
+        outs = o.head_projections(x.astype(dts[0]), [w.astype(dts[0])[None] for w in ws])
+        return tuple(y[..., 0, :] for y in outs)
+
     def __call__(self, x):
-        gelu = ops(self.impl).isolated(lambda g: jax.nn.gelu(g, approximate=True), self.gate(x))
-        return self.down(gelu * self.up(x))
+        g, u = self._gate_up(x)
+        gelu = ops(self.impl).isolated(lambda g: jax.nn.gelu(g, approximate=True), g)
+        return self.down(gelu * u)
 
 
 class Block(nnx.Module):
