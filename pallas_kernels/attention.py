@@ -51,14 +51,13 @@ Reduction order (the product; see also ``pallas_kernels/order.py``)
 
 Prefill (``attention_fwd_call``) does all of this in one kernel: a split-local state and a total
 state live in registers, merged at split boundaries; blocks and splits outside the q block's union
-of intervals are skipped. Decode (``decode_call``) runs one program per split and per 16 rows
-(bf16/f16; 64 for f32: ``decode_block_rows``; its state written to HBM), then a second Pallas kernel merges the splits in ascending order with the *same*
+of intervals are skipped. Decode (``decode_call``) runs one program per split (its state written to
+HBM), then a second Pallas kernel merges the splits in ascending order with the *same*
 ``_merge_states``/``_finalize`` code, so prefill and decode run the same instruction sequence per
 row (never an XLA merge on one path and a Pallas merge on the other: XLA's and Triton's ``exp``
 differ in bits). Every in-kernel reduction (``max``/``sum`` over the 64 keys of a block, the
-dots) runs along one row's keys or head dims, and one Triton warp count per head dim
-(``gpu_config``) is used by every attention kernel, so the reduction trees are the same for every
-call (row-tile height and pipeline stages were measured not to change bits). Consequently a row's
+dots) has a fixed shape, and one Triton configuration per head dim (``gpu_config``) is used by
+every attention kernel, so the reduction trees are the same for every call. Consequently a row's
 result depends only on its ``q``, its key interval and the keys in it: not on the other rows of its
 q block, the batch, ``max_len``/padding, or how many blocks lie beyond its valid range.
 
@@ -100,7 +99,7 @@ SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 # Configuration
 
 
-def gpu_config(head_dim: int, kernel: str = "prefill") -> tuple[int, int]:
+def gpu_config(head_dim: int) -> tuple[int, int]:
     """(num_warps, num_stages) of every attention kernel for this (padded) head dim, on the GPU.
 
     One configuration per head dim, shared by prefill, decode (split and merge kernels) and the
@@ -116,18 +115,13 @@ def gpu_config(head_dim: int, kernel: str = "prefill") -> tuple[int, int]:
     H100 (prefill, masks, soft-cap, decode; ``test_gpu_warp_count_does_not_change_bits``), and
     1.4-1.6x faster prefill and decode (run s4-4, ``results/README.md``); the 11 output hashes of
     ``scripts/output_hashes.py`` did not move (run s4-5).
-
-    ``kernel="decode"`` (the bf16/f16 decode split/merge kernels, whose q tile has 16 rows, see
-    ``decode_block_rows``) uses 2 stages at head dims above 128: the smaller tile leaves the shared
-    memory for a second K/V stage; 1.2x faster decode at head dim 256 on the H100 with the same
-    bits (run s5-3).
     """
     hp = padded_head_dim(head_dim)
     if hp <= 64:
         return 4, 3
     if hp <= 128:
         return 4, 2
-    return 4, (2 if kernel == "decode" else 1)
+    return 4, 1
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -462,11 +456,11 @@ def _fwd_kernel(lo_ref, hi_ref, kvl_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
     lse_ref[...] = lse
 
 
-def _compiler_params(be, hp, kernel="prefill"):
+def _compiler_params(be, hp):
     if be != "gpu":
         return None
     from jax.experimental.pallas import triton as pltriton
-    nw, ns = gpu_config(hp, kernel)
+    nw, ns = gpu_config(hp)
     return pltriton.CompilerParams(num_warps=nw, num_stages=ns)
 
 
@@ -522,85 +516,50 @@ def _decode_split_kernel(lo_ref, hi_ref, kvl_ref, q_ref, k_ref, v_ref, m_ref, l_
 
 
 def _decode_merge_kernel(m_ref, l_ref, acc_ref, o_ref, *, num_splits):
-    rows, hp = acc_ref.shape[-2:]
+    hp = acc_ref.shape[-1]
 
     def body(c, total):
         return _merge_states(total, (m_ref[c, :], l_ref[c, :], acc_ref[c, :, :]))
 
-    total = lax.fori_loop(0, num_splits, body, _empty_state((rows,), hp))
+    total = lax.fori_loop(0, num_splits, body, _empty_state((BLOCK_Q,), hp))
     out, _ = _finalize(total)
     o_ref[...] = out.astype(o_ref.dtype)
 
 
-#: Most rows per program of the decode kernels (``decode_call``).
-DECODE_BLOCK_Q = BLOCK_Q
-
-
-def decode_block_rows(rows: int) -> int:
-    """Rows per program of the GPU decode kernels for ``rows`` used packed rows (``Tq * G``): the
-    smallest power of two >= 16 that holds them, at most ``DECODE_BLOCK_Q``.
-
-    Decode packs few rows (one token times G query heads), so a 64-row tile was mostly padding,
-    and its ``[64, H]`` accumulator and q tile crowded the registers. A row's arithmetic does not
-    depend on how many rows share its tile: every per-row quantity (the ``q . k`` dots, the max and
-    sum over the 64 keys of a block, ``p @ v``) is computed along the key or head axis of that row
-    alone, and the GPU gave bitwise the same decode outputs, and decode = prefill, with 16 and 64
-    rows for bf16 (run s5-3: head dims 128 and 256, soft-cap, window, NaN/inf past the lengths;
-    ``tests/test_attention.py::test_gpu_decode_row_block_does_not_change_bits``); 2.1x faster at
-    head dim 256, 1.2-1.5x at 128.
-
-    Only bf16/f16 use it. Triton's float32 dot (FMA, ``precision=HIGHEST``) gave different bits for
-    a 16-row and a 64-row q tile (run s5-5: f32 decode = prefill failed), so f32 decode keeps the
-    prefill kernels' 64-row tile and configuration. Interpret mode keeps 64-row tiles too (XLA's CPU
-    dot bits depend on the tile shape)."""
-    return int(min(DECODE_BLOCK_Q, max(16, pl.next_power_of_2(max(int(rows), 1)))))
-
-
-def decode_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig, rows: int | None = None):
+def decode_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig):
     """Split-parallel (flash-decoding) forward on prepared operands; bitwise equal to
-    ``attention_fwd_call``'s output. ``rows``: how many leading packed rows are used (``Tq * G``;
-    default all); only those are computed. Returns ``o [B, K, R, Hp]`` with ``R >= rows`` (a
-    multiple of the decode row block)."""
+    ``attention_fwd_call``'s output. Returns ``o [B, K, Rp, Hp]``."""
     be = _backend.resolve(cfg.backend)
     _check_backend(be)
     b, kh, rp, hp = qp.shape
-    small = be == "gpu" and qp.dtype != jnp.float32    # 16-row tiles: bf16/f16 only (see below)
-    rb = decode_block_rows(rp if rows is None else rows) if small else BLOCK_Q
-    kind = "decode" if small else "prefill"
-    ru = _round_up(rp if rows is None else max(int(rows), 1), rb)
-    if ru < rp:
-        qp, lo, hi, kvl = qp[:, :, :ru], lo[:, :ru], hi[:, :ru], kvl[:, :ru]
-    rp = qp.shape[2]
     sp = kp.shape[1]
-    nq = rp // rb
+    nq = rp // BLOCK_Q
     ns = -(-sp // ATTN_SPLIT_K)
-    row_spec = pl.BlockSpec((None, rb), lambda b, h, i, *_: (b, i))
-    qrow_spec = pl.BlockSpec((None, None, rb, hp), lambda b, h, i, *_: (b, h, i, 0))
-    state_spec = pl.BlockSpec((None, None, None, rb), lambda b, h, i, c: (b, h, c, i))
-    acc_spec = pl.BlockSpec((None, None, None, rb, hp), lambda b, h, i, c: (b, h, c, i, 0))
+    state_spec = pl.BlockSpec((None, None, None, BLOCK_Q), lambda b, h, i, c: (b, h, c, i))
+    acc_spec = pl.BlockSpec((None, None, None, BLOCK_Q, hp), lambda b, h, i, c: (b, h, c, i, 0))
     m, l, acc = pl.pallas_call(
         functools.partial(_decode_split_kernel, cfg=cfg),
         grid=(b, kh, nq, ns),
-        in_specs=[row_spec, row_spec, row_spec, qrow_spec,
+        in_specs=[_row_spec(), _row_spec(), _row_spec(), _qrow_spec(hp),
                   _kv_full_spec(sp, hp), _kv_full_spec(sp, hp)],
         out_specs=[state_spec, state_spec, acc_spec],
         out_shape=[jax.ShapeDtypeStruct((b, kh, ns, rp), jnp.float32),
                    jax.ShapeDtypeStruct((b, kh, ns, rp), jnp.float32),
                    jax.ShapeDtypeStruct((b, kh, ns, rp, hp), jnp.float32)],
         interpret=_backend.interpret_arg(be),
-        compiler_params=_compiler_params(be, hp, kind),
+        compiler_params=_compiler_params(be, hp),
         name="detjax_decode_attention_split",
     )(lo, hi, kvl, qp, kp, vp)
     return pl.pallas_call(
         functools.partial(_decode_merge_kernel, num_splits=ns),
         grid=(b, kh, nq),
-        in_specs=[pl.BlockSpec((None, None, ns, rb), lambda b, h, i: (b, h, 0, i)),
-                  pl.BlockSpec((None, None, ns, rb), lambda b, h, i: (b, h, 0, i)),
-                  pl.BlockSpec((None, None, ns, rb, hp), lambda b, h, i: (b, h, 0, i, 0))],
-        out_specs=qrow_spec,
+        in_specs=[pl.BlockSpec((None, None, ns, BLOCK_Q), lambda b, h, i: (b, h, 0, i)),
+                  pl.BlockSpec((None, None, ns, BLOCK_Q), lambda b, h, i: (b, h, 0, i)),
+                  pl.BlockSpec((None, None, ns, BLOCK_Q, hp), lambda b, h, i: (b, h, 0, i, 0))],
+        out_specs=_qrow_spec(hp),
         out_shape=jax.ShapeDtypeStruct(qp.shape, qp.dtype),
         interpret=_backend.interpret_arg(be),
-        compiler_params=_compiler_params(be, hp, kind),
+        compiler_params=_compiler_params(be, hp),
         name="detjax_decode_attention_merge",
     )(m, l, acc)
 

@@ -391,15 +391,6 @@ def test_gpu_config_one_per_head_dim():
     assert K.gpu_config(40) == K.gpu_config(64) == (4, 3)
     assert K.gpu_config(96) == K.gpu_config(128) == (4, 2)
     assert K.gpu_config(256) == (4, 1)
-    # decode kernels: the same warps (the score tile's layout), more pipelining at head dim 256
-    for h in (40, 64, 96, 128, 256):
-        assert K.gpu_config(h, "decode")[0] == K.gpu_config(h)[0]
-    assert K.gpu_config(256, "decode") == (4, 2)
-
-
-def test_decode_block_rows():
-    assert [K.decode_block_rows(r) for r in (1, 2, 16, 17, 33, 64, 65, 500)] == \
-        [16, 16, 16, 32, 64, 64, 64, 64]
 
 
 @pytest.mark.skipif(INTERPRET, reason="Triton's warp layout exists only on the GPU")
@@ -419,40 +410,9 @@ def test_gpu_warp_count_does_not_change_bits(dtype, monkeypatch):
                 decode_attention(q[:, :3], k, v, lengths)]
 
     four = outputs()
-    monkeypatch.setattr(K, "gpu_config",
-                        lambda h, kernel="prefill", f=K.gpu_config: (8, f(h, kernel)[1]))
+    monkeypatch.setattr(K, "gpu_config", lambda h, f=K.gpu_config: (8, f(h)[1]))
     eight = outputs()
     monkeypatch.undo()
     jax.clear_caches()
     for i, (a, b) in enumerate(zip(four, eight)):
         assert_bits_equal(a, b, f"output {i}: 4 warps vs 8 warps")
-
-
-@pytest.mark.skipif(INTERPRET, reason="the 16-row decode tile is used on the GPU only")
-@pytest.mark.parametrize("dtype,h", [(jnp.bfloat16, 256), (jnp.bfloat16, 128), (jnp.float16, 64),
-                                     (jnp.bfloat16, 16)])
-def test_gpu_decode_row_block_does_not_change_bits(dtype, h, monkeypatch):
-    """Session 5 runs bf16/f16 decode with 16-row q tiles (and 2 pipeline stages at head dim 256)
-    instead of 64-row tiles and 1 stage: the same bits, across split boundaries, with masks,
-    soft-cap, and NaN/inf past the lengths (the guarded fold). (float32 keeps 64 rows: its FMA dot
-    gave other bits with 16, run s5-5.)"""
-    q, k, v = qkv(905, 3, 3, 2500, 8, 4, h, dtype)
-    lengths = jnp.array([2500, 1100, 65], jnp.int32)
-    past = jnp.arange(2500)[None, :, None, None] >= lengths[:, None, None, None]
-    kn, vn = jnp.where(past, jnp.nan, k), jnp.where(past, jnp.inf, v)
-
-    def outputs():
-        jax.clear_caches()
-        return [decode_attention(q[:, :1], k, v, lengths),
-                decode_attention(q[:, :1], kn, vn, lengths),
-                decode_attention(q[:, :1], k, v, lengths, logits_soft_cap=50.0, sliding_window=700),
-                decode_attention(q, k, v, lengths)]
-
-    new = outputs()
-    monkeypatch.setattr(K, "decode_block_rows", lambda rows: 64)
-    monkeypatch.setattr(K, "gpu_config", lambda hd, kernel="prefill", f=K.gpu_config: f(hd))
-    old = outputs()
-    monkeypatch.undo()
-    jax.clear_caches()
-    for i, (a, b) in enumerate(zip(new, old)):
-        assert_bits_equal(a, b, f"output {i}: 16-row decode tile vs 64-row tile")
