@@ -18,7 +18,8 @@ print("jax", jax.__version__, "jaxlib", jaxlib.__version__, "flax", flax.__versi
 print("devices", jax.devices(), jax.devices()[0].device_kind)
 PY
 tests=("$@"); [ ${#tests[@]} -eq 0 ] && tests=(tests)
-$PY -m pytest -q -p no:cacheprovider -rfEs "${tests[@]}" --junitxml "$OUT/junit.xml" 2>&1 | tee "$OUT/pytest.log"
+# -v: every test's result is logged as it ends, so a run cut by a time limit still names its failures
+$PY -m pytest -v -p no:cacheprovider -rfEs "${tests[@]}" --junitxml "$OUT/junit.xml" 2>&1 | tee "$OUT/pytest.log"
 test_rc=${PIPESTATUS[0]}
 BENCH=${BENCH-matmul,rows}
 if [ -n "$BENCH" ]; then
