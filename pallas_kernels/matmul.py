@@ -109,26 +109,28 @@ def _dot_precision(dtype, precision: str):
     return None
 
 
-def _matmul_kernel(a_ref, b_ref, *refs, k_tiles, block_k, transpose_b, acc_dtype, precision,
-                   aliased=False):
-    o_ref = refs[-1]   # (with ``aliased`` the previous launch's output comes first, never read)
-    bm = a_ref.shape[-2]
-    bn = o_ref.shape[-1]
+def _k_loop(a_tile, b_tile, trips, shape, *, block_k, transpose_b, acc_dtype, precision):
+    """The K order of every matmul kernel: ``acc = 0``, then ``acc + a_tile(ks) . b_tile(ks)`` for
+    the 64-aligned K tiles ``ks`` in ascending order (``b_tile`` is ``[bn, bk]`` with
+    ``transpose_b``, else ``[bk, bn]``); returns the f32 accumulator of ``shape``."""
+    contract = ((1,), (1,)) if transpose_b else ((1,), (0,))
 
     def body(t, acc):
         ks = pl.ds(pl.multiple_of(t * block_k, block_k), block_k)
-        a = a_ref[0, :, ks]
-        if transpose_b:
-            b = b_ref[0, :, ks]
-            prod = lax.dot_general(a, b, (((1,), (1,)), ((), ())),
-                                   precision=precision, preferred_element_type=acc_dtype)
-        else:
-            b = b_ref[0, ks, :]
-            prod = lax.dot_general(a, b, (((1,), (0,)), ((), ())),
-                                   precision=precision, preferred_element_type=acc_dtype)
+        prod = lax.dot_general(a_tile(ks), b_tile(ks), (contract, ((), ())),
+                               precision=precision, preferred_element_type=acc_dtype)
         return acc + prod
 
-    acc = lax.fori_loop(0, _backend.opaque_trip_count(k_tiles), body, jnp.zeros((bm, bn), acc_dtype))
+    return lax.fori_loop(0, trips, body, jnp.zeros(shape, acc_dtype))
+
+
+def _matmul_kernel(a_ref, b_ref, *refs, k_tiles, block_k, transpose_b, acc_dtype, precision,
+                   aliased=False):
+    o_ref = refs[-1]   # (with ``aliased`` the previous launch's output comes first, never read)
+    b_tile = (lambda ks: b_ref[0, :, ks]) if transpose_b else (lambda ks: b_ref[0, ks, :])
+    acc = _k_loop(lambda ks: a_ref[0, :, ks], b_tile, _backend.opaque_trip_count(k_tiles),
+                  (a_ref.shape[-2], o_ref.shape[-1]), block_k=block_k, transpose_b=transpose_b,
+                  acc_dtype=acc_dtype, precision=precision)
     o_ref[0] = acc.astype(o_ref.dtype)
 
 
@@ -322,10 +324,9 @@ def matmul_f64_reference(a, b, *, transpose_b=False):
 def _grouped_kernel(a_ref, *refs, n_w, starts, k_tiles, block_k, acc_dtype, precision):
     """Program ``(i, c)``: column tile ``c`` of the concatenated outputs. Column tiles
     ``[starts[w], starts[w + 1])`` belong to weight ``w``; only that weight is read and only its
-    output written (``pl.when``). The K loop is ``_matmul_kernel``'s, instruction for instruction."""
+    output written (``pl.when``). The K loop is ``_matmul_kernel``'s (``_k_loop``)."""
     b_refs, o_refs = refs[:n_w], refs[n_w:]
     c = pl.program_id(1)
-    bm = a_ref.shape[0]
     trips = _backend.opaque_trip_count(k_tiles)   # read outside pl.when (interpret mode needs it)
 
     for w in range(n_w):
@@ -333,15 +334,9 @@ def _grouped_kernel(a_ref, *refs, n_w, starts, k_tiles, block_k, acc_dtype, prec
 
         @pl.when((c >= starts[w]) & (c < starts[w + 1]))
         def _(b_ref=b_ref, o_ref=o_ref):
-            bn = o_ref.shape[-1]
-
-            def body(t, acc):
-                ks = pl.ds(pl.multiple_of(t * block_k, block_k), block_k)
-                prod = lax.dot_general(a_ref[:, ks], b_ref[0, ks, :], (((1,), (0,)), ((), ())),
-                                       precision=precision, preferred_element_type=acc_dtype)
-                return acc + prod
-
-            acc = lax.fori_loop(0, trips, body, jnp.zeros((bm, bn), acc_dtype))
+            acc = _k_loop(lambda ks: a_ref[:, ks], lambda ks: b_ref[0, ks, :], trips,
+                          (a_ref.shape[0], o_ref.shape[-1]), block_k=block_k, transpose_b=False,
+                          acc_dtype=acc_dtype, precision=precision)
             o_ref[...] = acc.astype(o_ref.dtype)
 
 
@@ -406,13 +401,15 @@ def grouped_matmul_call(a, weights, *, out_dtype=None, precision="highest", back
     for t in tiles:
         starts.append(starts[-1] + t)
 
-    def b_map(w, nt, nh):
-        s0 = starts[w]
-        return lambda i, c: (jnp.clip(c - s0, 0, nt - 1) // nh, 0, jnp.clip(c - s0, 0, nt - 1) % nh)
+    def tile(w, c):   # column tile c of the launch -> tile of weight w's output (clamped)
+        return jnp.clip(c - starts[w], 0, tiles[w] - 1)
 
-    def o_map(w, nt):
-        s0 = starts[w]
-        return lambda i, c: (i, jnp.clip(c - s0, 0, nt - 1))
+    def b_map(w):
+        nh = hs[w] // bn
+        return lambda i, c: (tile(w, c) // nh, 0, tile(w, c) % nh)
+
+    def o_map(w):
+        return lambda i, c: (i, tile(w, c))
 
     compiler_params = None
     if be == "gpu":
@@ -424,8 +421,8 @@ def grouped_matmul_call(a, weights, *, out_dtype=None, precision="highest", back
                           precision=_dot_precision(a.dtype, precision)),
         grid=(Mp // bm, starts[-1]),
         in_specs=[pl.BlockSpec((bm, Kp), lambda i, c: (i, 0))]
-        + [pl.BlockSpec((1, Kp, bn), b_map(w, tiles[w], hs[w] // bn)) for w in range(len(weights))],
-        out_specs=[pl.BlockSpec((bm, bn), o_map(w, tiles[w])) for w in range(len(weights))],
+        + [pl.BlockSpec((1, Kp, bn), b_map(w)) for w in range(len(weights))],
+        out_specs=[pl.BlockSpec((bm, bn), o_map(w)) for w in range(len(weights))],
         out_shape=[jax.ShapeDtypeStruct((Mp, w.shape[0] * w.shape[2]), out_dtype) for w in weights],
         interpret=be != "gpu",
         compiler_params=compiler_params,

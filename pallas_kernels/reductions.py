@@ -80,6 +80,9 @@ def _fold(ref, n, resident, body, init, unroll=1):
         for chunk in resident:
             carry = body(chunk, carry)
         return carry
+    def step(j, c):
+        return body(_load(ref, j, n, 0), c)
+
     nch = pl.cdiv(n, REDUCE_CHUNK)
     if unroll > 1 and nch >= 2 * unroll:
         def body_u(i, c):
@@ -89,9 +92,8 @@ def _fold(ref, n, resident, body, init, unroll=1):
             return c
         init = lax.fori_loop(0, _backend.opaque_trip_count(nch // unroll), body_u, init)
         start = nch // unroll * unroll
-        return lax.fori_loop(start, start + _backend.opaque_trip_count(nch - start),
-                             lambda j, c: body(_load(ref, j, n, 0), c), init)
-    return lax.fori_loop(0, _chunks(n), lambda j, c: body(_load(ref, j, n, 0), c), init)
+        return lax.fori_loop(start, start + _backend.opaque_trip_count(nch - start), step, init)
+    return lax.fori_loop(0, _chunks(n), step, init)
 
 
 def _lane_sum(ref, n, acc_dtype, fn=lambda v: v, resident=None, unroll=1):
