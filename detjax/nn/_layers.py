@@ -119,6 +119,22 @@ class RMSNorm(nnx.Module):
         return ops(self.impl).rms_norm(x, self.scale[...], eps=self.eps, offset=1.0)
 
 
+def _one_launch(impl, x, layers, get_weights):
+    """The projections of ``x`` by ``layers`` (``get_weights()``: their weights as ``[G, D, H]``) as
+    one ``head_projections`` call: on detjax when the layers share a compute dtype (one kernel
+    launch on the GPU, each output bitwise its own layer's), else ``None`` (call the layers one by
+    one)."""
+    o = ops(impl)
+    if o.name != "detjax":
+        return None
+    weights = get_weights()
+    dts = {_compute_dtype(x, w, m.dtype) for m, w in zip(layers, weights)}
+    if len(dts) != 1:
+        return None
+    dt = dts.pop()
+    return o.head_projections(x.astype(dt), [w.astype(dt) for w in weights])
+
+
 def apply_rope(x, positions, *, base: float = 10_000.0, scale_factor: float = 1.0, impl=None):
     """Rotary embedding (split-half convention, as Gemma) of ``x: [B, T, N, H]`` at integer
     ``positions: [B, T]``; computed in float32 elementwise, returned in ``x``'s dtype."""
@@ -176,18 +192,13 @@ class Attention(nnx.Module):
         self.dtype, self.param_dtype, self.impl = dtype, param_dtype, check_impl(impl)
 
     def _project(self, x):
-        """``(q_proj(x), k_proj(x), v_proj(x))``; on detjax one ``head_projections`` call (one
-        kernel launch on the GPU, bitwise the values of the three separate projections)."""
+        """``(q_proj(x), k_proj(x), v_proj(x))``, as one launch where possible (``_one_launch``)."""
         projs = (self.q_proj, self.k_proj, self.v_proj)
-        o = ops(self.impl)
-        heads_eq = {"BTD,NDH->BTNH", "BSD,KDH->BSKH"}
-        if o.name != "detjax" or any(p.equation not in heads_eq for p in projs):
-            return tuple(p(x) for p in projs)
-        ws = [p.w[...] for p in projs]
-        dts = [_compute_dtype(x, w, p.dtype) for p, w in zip(projs, ws)]
-        if any(d != dts[0] for d in dts):
-            return tuple(p(x) for p in projs)
-        return tuple(o.head_projections(x.astype(dts[0]), [w.astype(dts[0]) for w in ws]))
+        if all(p.equation in ("BTD,NDH->BTNH", "BSD,KDH->BSKH") for p in projs):
+            out = _one_launch(self.impl, x, projs, lambda: [p.w[...] for p in projs])
+            if out is not None:
+                return tuple(out)
+        return tuple(p(x) for p in projs)
 
     def _qkv(self, x, positions):
         q, k, v = self._project(x)
@@ -245,18 +256,13 @@ class FeedForward(nnx.Module):
         self.dtype, self.param_dtype, self.impl = dtype, param_dtype, check_impl(impl)
 
     def _gate_up(self, x):
-        """``(gate(x), up(x))``; on detjax one ``head_projections`` call (one kernel launch on the
-        GPU for both weights, bitwise the values of the two separate matmuls)."""
-        o = ops(self.impl)
+        """``(gate(x), up(x))``, as one launch where possible (``_one_launch``)."""
         lin = (self.gate, self.up)
-        if o.name != "detjax" or any(m.bias is not None for m in lin):
-            return tuple(m(x) for m in lin)
-        ws = [m.kernel[...] for m in lin]
-        dts = [_compute_dtype(x, w, m.dtype) for m, w in zip(lin, ws)]
-        if dts[0] != dts[1]:
-            return tuple(m(x) for m in lin)
-        outs = o.head_projections(x.astype(dts[0]), [w.astype(dts[0])[None] for w in ws])
-        return tuple(y[..., 0, :] for y in outs)
+        if all(m.bias is None for m in lin):
+            out = _one_launch(self.impl, x, lin, lambda: [m.kernel[...][None] for m in lin])
+            if out is not None:
+                return tuple(y[..., 0, :] for y in out)
+        return tuple(m(x) for m in lin)
 
     def __call__(self, x):
         g, u = self._gate_up(x)
