@@ -67,7 +67,8 @@ def _chunks(n):
 
 # On the GPU a long row's loop loads LOOP_UNROLL chunks before folding them (in ascending order,
 # the very same per-lane operations): one program per row with one 4 KB load in flight at a time
-# was latency-bound (a log_softmax over [8, 256000] logits read ~4 GB/s per row). The fold order
+# is latency-bound (our estimate for the sampling head's log_softmax over [8, 256000] logits; the
+# speed-up was not measured in isolation, run s5-9 timed only whole generation). The fold order
 # does not change, so neither do the bits
 # (tests/test_reductions.py::test_gpu_unrolled_loop_bitwise_equal). Interpret mode: no unrolling.
 LOOP_UNROLL = 8
