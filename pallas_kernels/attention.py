@@ -56,8 +56,9 @@ HBM), then a second Pallas kernel merges the splits in ascending order with the 
 ``_merge_states``/``_finalize`` code, so prefill and decode run the same instruction sequence per
 row (never an XLA merge on one path and a Pallas merge on the other: XLA's and Triton's ``exp``
 differ in bits). Every in-kernel reduction (``max``/``sum`` over the 64 keys of a block, the
-dots) has a fixed shape, and one Triton configuration per head dim (``gpu_config``) is used by
-every attention kernel, so the reduction trees are the same for every call. Consequently a row's
+dots) has a fixed shape (a ``[64, Hp]`` q tile in every kernel), and ``gpu_config`` gives one
+Triton configuration per head dim (decode may differ only in warps and pipeline stages, which were
+measured not to change bits), so the reduction trees are the same for every call. Consequently a row's
 result depends only on its ``q``, its key interval and the keys in it: not on the other rows of its
 q block, the batch, ``max_len``/padding, or how many blocks lie beyond its valid range.
 
@@ -99,28 +100,45 @@ SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 # Configuration
 
 
-def gpu_config(head_dim: int) -> tuple[int, int]:
-    """(num_warps, num_stages) of every attention kernel for this (padded) head dim, on the GPU.
+def gpu_config(head_dim: int, kernel: str = "prefill", dtype=None) -> tuple[int, int]:
+    """(num_warps, num_stages) of an attention kernel for this (padded) head dim, on the GPU.
 
-    One configuration per head dim, shared by prefill, decode (split and merge kernels) and the
-    backward kernels: ``num_warps`` fixes Triton's register layout of the ``[64, 64]`` score tile
-    and thus the tree of the per-row ``sum`` over a block, so it must not vary between calls or
-    between the prefill and decode kernels. ``num_stages`` only changes software pipelining.
+    The q tile is always ``[64, Hp]`` and the score tile ``[64, 64]``, whatever the kernel:
 
     * head_dim <= 64: 4 warps, 3 stages;
     * head_dim <= 128: 4 warps, 2 stages;
-    * larger: 4 warps, 1 stage (3 stages exceed the H100's shared memory at head_dim 256).
+    * larger: 4 warps, 1 stage (3 stages exceed the H100's shared memory at head_dim 256), except
+      the decode kernels (``kernel="decode"``: split and merge) for bf16/f16, which use 8 warps and
+      2 stages.
 
-    Until session 4 head dims above 64 used 8 warps. 4 warps gave bitwise the same outputs on the
-    H100 (prefill, masks, soft-cap, decode; ``test_gpu_warp_count_does_not_change_bits``), and
-    1.4-1.6x faster prefill and decode (run s4-4, ``results/README.md``); the 11 output hashes of
-    ``scripts/output_hashes.py`` did not move (run s4-5).
+    What may vary and what may not. The warp count and the pipeline depth were measured not to
+    change any bit on the H100; the *height of the q tile* does (see below), so it is the same
+    64 rows in every kernel:
+
+    * warps: until session 4 head dims above 64 used 8 warps. 4 warps gave bitwise the same outputs
+      (prefill, masks, soft-cap, decode; ``test_gpu_warp_count_does_not_change_bits``) and
+      1.4-1.6x faster prefill (run s4-4, ``results/README.md``); the 11 output hashes of
+      ``scripts/output_hashes.py`` did not move (run s4-5).
+    * decode at head dim 256 is latency-bound (a few used rows, 32 programs at batch 8): 8 warps and
+      2 stages halve the registers per thread for the ``[64, 256]`` accumulator and prefetch the
+      next K/V block. Run s6-3: the same bits as 4 warps / 1 stage for bf16 and f16 at head dims
+      128 and 256 (soft-cap, window, NaN/inf past the lengths, 3 tokens;
+      ``test_gpu_decode_config_does_not_change_bits``), and 1.32x faster at the gemma2_2b shape
+      (B8, cache 576: 64.7 -> 48.9 us), 1.16x at B64, 1.51x at B8 cache 8192. float32 keeps
+      4 warps / 1 stage: its f32 FMA-dot kernels take minutes to compile on the GPU, which left
+      their check out of run s6-3. At head dim 128 the same change was slower (77 -> 88 us).
+    * q-tile height: a 16-row decode tile was tried in session 5 and again in session 6 (runs
+      s6-1/s6-2, with 1, 2 and 4 warps) and reverted: float32 matched prefill with 1 or 2 warps,
+      but bf16/f16 had 1-2 elements in ~25,000 differ with every warp count, so the tensor-core
+      dot of a 16-row tile (``mma.sync``) and of a 64-row tile (``wgmma``) are not interchangeable.
     """
     hp = padded_head_dim(head_dim)
     if hp <= 64:
         return 4, 3
     if hp <= 128:
         return 4, 2
+    if kernel == "decode" and dtype is not None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        return 8, 2
     return 4, 1
 
 
@@ -456,11 +474,11 @@ def _fwd_kernel(lo_ref, hi_ref, kvl_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
     lse_ref[...] = lse
 
 
-def _compiler_params(be, hp):
+def _compiler_params(be, hp, kernel="prefill", dtype=None):
     if be != "gpu":
         return None
     from jax.experimental.pallas import triton as pltriton
-    nw, ns = gpu_config(hp)
+    nw, ns = gpu_config(hp, kernel, dtype)
     return pltriton.CompilerParams(num_warps=nw, num_stages=ns)
 
 
@@ -547,7 +565,7 @@ def decode_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig):
                    jax.ShapeDtypeStruct((b, kh, ns, rp), jnp.float32),
                    jax.ShapeDtypeStruct((b, kh, ns, rp, hp), jnp.float32)],
         interpret=_backend.interpret_arg(be),
-        compiler_params=_compiler_params(be, hp),
+        compiler_params=_compiler_params(be, hp, "decode", qp.dtype),
         name="detjax_decode_attention_split",
     )(lo, hi, kvl, qp, kp, vp)
     return pl.pallas_call(
@@ -559,7 +577,7 @@ def decode_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig):
         out_specs=_qrow_spec(hp),
         out_shape=jax.ShapeDtypeStruct(qp.shape, qp.dtype),
         interpret=_backend.interpret_arg(be),
-        compiler_params=_compiler_params(be, hp),
+        compiler_params=_compiler_params(be, hp, "decode", qp.dtype),
         name="detjax_decode_attention_merge",
     )(m, l, acc)
 

@@ -387,10 +387,16 @@ def test_bad_input():
 
 
 def test_gpu_config_one_per_head_dim():
-    """One (num_warps, num_stages) per padded head dim, shared by every attention kernel."""
+    """One (num_warps, num_stages) per padded head dim; decode differs only at head dims > 128
+    for bf16/f16 (more warps and stages: bits unchanged, see the GPU test below)."""
     assert K.gpu_config(40) == K.gpu_config(64) == (4, 3)
     assert K.gpu_config(96) == K.gpu_config(128) == (4, 2)
     assert K.gpu_config(256) == (4, 1)
+    for dt in (jnp.bfloat16, jnp.float16, jnp.float32):
+        for h in (40, 64, 96, 128):
+            assert K.gpu_config(h, "decode", dt) == K.gpu_config(h)
+    assert K.gpu_config(256, "decode", jnp.bfloat16) == K.gpu_config(200, "decode", jnp.float16) == (8, 2)
+    assert K.gpu_config(256, "decode", jnp.float32) == (4, 1)
 
 
 @pytest.mark.skipif(INTERPRET, reason="Triton's warp layout exists only on the GPU")
@@ -410,9 +416,42 @@ def test_gpu_warp_count_does_not_change_bits(dtype, monkeypatch):
                 decode_attention(q[:, :3], k, v, lengths)]
 
     four = outputs()
-    monkeypatch.setattr(K, "gpu_config", lambda h, f=K.gpu_config: (8, f(h)[1]))
+    monkeypatch.setattr(K, "gpu_config",
+                        lambda h, kernel="prefill", dtype=None, f=K.gpu_config: (8, f(h, kernel, dtype)[1]))
     eight = outputs()
     monkeypatch.undo()
     jax.clear_caches()
     for i, (a, b) in enumerate(zip(four, eight)):
         assert_bits_equal(a, b, f"output {i}: 4 warps vs 8 warps")
+
+
+@pytest.mark.skipif(INTERPRET, reason="Triton's warp layout and pipelining exist only on the GPU")
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_gpu_decode_config_does_not_change_bits(dtype, monkeypatch):
+    """Session 6 runs the bf16/f16 decode kernels at head dim 256 with 8 warps and 2 stages
+    (prefill: 4 warps, 1 stage). Decode must still equal prefill bitwise, across the split
+    boundary, with soft-cap, and with NaN/inf past the lengths (the guarded fold); and equal the
+    decode kernels run with the prefill configuration."""
+    s = 1100
+    q, k, v = qkv(1300, 3, s, s, 8, 4, 256, dtype)
+    lengths = np.array([1100, 1025, 65])
+    full = np.asarray(attention(q, k, v, logits_soft_cap=50.0))
+    past = jnp.arange(s)[None, :, None, None] >= jnp.asarray(lengths)[:, None, None, None]
+    kn, vn = jnp.where(past, jnp.nan, k), jnp.where(past, jnp.inf, v)
+    qd = jnp.stack([q[b, L - 2:L] for b, L in enumerate(lengths)])
+
+    def outputs():
+        jax.clear_caches()
+        return [decode_attention(qd, kn, vn, jnp.asarray(lengths), logits_soft_cap=50.0),
+                decode_attention(qd[:, 1:], k, v, jnp.asarray(lengths), sliding_window=300)]
+
+    new = outputs()
+    for b, L in enumerate(lengths):
+        assert_bits_equal(new[0][b], full[b, L - 2:L], f"decode = prefill b={b} L={L}")
+    assert K.gpu_config(256, "decode", dtype) == (8, 2)
+    monkeypatch.setattr(K, "gpu_config", lambda h, kernel="prefill", dtype=None, f=K.gpu_config: f(h))
+    old = outputs()
+    monkeypatch.undo()
+    jax.clear_caches()
+    for i, (a, b) in enumerate(zip(new, old)):
+        assert_bits_equal(a, b, f"output {i}: decode config (8, 2) vs (4, 1)")
