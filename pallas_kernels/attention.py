@@ -442,7 +442,7 @@ def _split_state(q, k_ref, v_ref, lo, hi, kv_len, b0, b1, cfg):
             k, v, kidx = _load_kv_block(k_ref, v_ref, j, mask_len)
             s, valid = _logits(q, k, kidx, lo, hi, cfg)
             return _block_step(state, s, valid, v, guarded)
-        return lax.fori_loop(b0, b1, body, _empty_state((q.shape[0],), k_ref.shape[-1]))
+        return lax.fori_loop(b0, b1, body, _empty_state((q.shape[0],), v_ref.shape[-1]))
 
     state = fold(False)
     acc_finite = jnp.min(jnp.where(jnp.abs(state[2]) < jnp.inf, 1, 0)) > 0
@@ -544,6 +544,34 @@ def _decode_merge_kernel(m_ref, l_ref, acc_ref, o_ref, *, num_splits):
     o_ref[...] = out.astype(o_ref.dtype)
 
 
+#: Programs the decode split kernel aims for before it splits value columns (``decode_value_splits``):
+#: twice the H100's 132 SMs.
+DECODE_TARGET_PROGRAMS = 264
+
+
+def decode_value_splits(hp: int, programs: int, dtype, backend: str = "gpu") -> int:
+    """How many programs share the value columns of one (row block, KV split) in decode: ``E``
+    programs each compute ``acc[:, e * Hp/E : (e + 1) * Hp/E]`` (and, redundantly, the same
+    ``q . k``, ``m``, ``l``).
+
+    A decode step at batch 8 has few (row block, split) pairs (32 for 4 KV heads and a cache under
+    1024 keys), each walking its KV blocks in order, so most of the GPU idles. Splitting the
+    columns of ``p @ v`` adds programs without touching the reduction order: every program runs the
+    same ``q . k`` dot over the full head dim (same bits), and each column of ``p @ v`` is a dot over
+    the same 64 keys whatever the dot's width (Triton's 8-warp kernels already issue it as two
+    half-width dots; ``test_gpu_decode_value_splits_do_not_change_bits``). The price is re-reading
+    ``K`` once per program, so columns are split only while the grid has fewer than
+    ``DECODE_TARGET_PROGRAMS`` programs, into parts of at least 64 columns, bf16/f16 only (float32's
+    FMA-dot kernels were not measured). GPU only: interpret mode runs XLA's CPU dot, whose bits
+    depend on its width."""
+    if backend != "gpu" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        return 1
+    e = 1
+    while hp // (2 * e) >= 64 and programs * 2 * e <= DECODE_TARGET_PROGRAMS:
+        e *= 2
+    return e
+
+
 def decode_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig):
     """Split-parallel (flash-decoding) forward on prepared operands; bitwise equal to
     ``attention_fwd_call``'s output. Returns ``o [B, K, Rp, Hp]``."""
@@ -553,26 +581,32 @@ def decode_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig):
     sp = kp.shape[1]
     nq = rp // BLOCK_Q
     ns = -(-sp // ATTN_SPLIT_K)
-    state_spec = pl.BlockSpec((None, None, None, BLOCK_Q), lambda b, h, i, c: (b, h, c, i))
-    acc_spec = pl.BlockSpec((None, None, None, BLOCK_Q, hp), lambda b, h, i, c: (b, h, c, i, 0))
+    ne = decode_value_splits(hp, b * kh * nq * ns, qp.dtype, be)
+    hv = hp // ne
+    # m and l are the same in every column part; each part writes its own copy (no shared writes)
+    state_spec = pl.BlockSpec((None, None, None, None, BLOCK_Q), lambda b, h, i, c, e: (b, h, c, e, i))
+    acc_spec = pl.BlockSpec((None, None, None, BLOCK_Q, hv), lambda b, h, i, c, e: (b, h, c, i, e))
+    row_spec = pl.BlockSpec((None, BLOCK_Q), lambda b, h, i, c, e: (b, i))
     m, l, acc = pl.pallas_call(
         functools.partial(_decode_split_kernel, cfg=cfg),
-        grid=(b, kh, nq, ns),
-        in_specs=[_row_spec(), _row_spec(), _row_spec(), _qrow_spec(hp),
-                  _kv_full_spec(sp, hp), _kv_full_spec(sp, hp)],
+        grid=(b, kh, nq, ns, ne),
+        in_specs=[row_spec, row_spec, row_spec,
+                  pl.BlockSpec((None, None, BLOCK_Q, hp), lambda b, h, i, c, e: (b, h, i, 0)),
+                  pl.BlockSpec((None, sp, None, hp), lambda b, h, i, c, e: (b, 0, h, 0)),
+                  pl.BlockSpec((None, sp, None, hv), lambda b, h, i, c, e: (b, 0, h, e))],
         out_specs=[state_spec, state_spec, acc_spec],
-        out_shape=[jax.ShapeDtypeStruct((b, kh, ns, rp), jnp.float32),
-                   jax.ShapeDtypeStruct((b, kh, ns, rp), jnp.float32),
+        out_shape=[jax.ShapeDtypeStruct((b, kh, ns, ne, rp), jnp.float32),
+                   jax.ShapeDtypeStruct((b, kh, ns, ne, rp), jnp.float32),
                    jax.ShapeDtypeStruct((b, kh, ns, rp, hp), jnp.float32)],
         interpret=_backend.interpret_arg(be),
-        compiler_params=_compiler_params(be, hp, "decode", qp.dtype),
+        compiler_params=_compiler_params(be, hv, "decode", qp.dtype),
         name="detjax_decode_attention_split",
     )(lo, hi, kvl, qp, kp, vp)
     return pl.pallas_call(
         functools.partial(_decode_merge_kernel, num_splits=ns),
         grid=(b, kh, nq),
-        in_specs=[pl.BlockSpec((None, None, ns, BLOCK_Q), lambda b, h, i: (b, h, 0, i)),
-                  pl.BlockSpec((None, None, ns, BLOCK_Q), lambda b, h, i: (b, h, 0, i)),
+        in_specs=[pl.BlockSpec((None, None, ns, None, BLOCK_Q), lambda b, h, i: (b, h, 0, 0, i)),
+                  pl.BlockSpec((None, None, ns, None, BLOCK_Q), lambda b, h, i: (b, h, 0, 0, i)),
                   pl.BlockSpec((None, None, ns, BLOCK_Q, hp), lambda b, h, i: (b, h, 0, i, 0))],
         out_specs=_qrow_spec(hp),
         out_shape=jax.ShapeDtypeStruct(qp.shape, qp.dtype),

@@ -455,3 +455,50 @@ def test_gpu_decode_config_does_not_change_bits(dtype, monkeypatch):
     jax.clear_caches()
     for i, (a, b) in enumerate(zip(new, old)):
         assert_bits_equal(a, b, f"output {i}: decode config (8, 2) vs (4, 1)")
+
+
+def test_decode_value_splits_rule():
+    """Value columns are split only for bf16/f16 on the GPU, into parts of >= 64 columns, while the
+    grid is small."""
+    rule = K.decode_value_splits
+    assert [rule(256, p, jnp.bfloat16) for p in (1, 32, 64, 128, 256, 4096)] == [4, 4, 4, 2, 1, 1]
+    assert rule(128, 8, jnp.float16) == 2 and rule(64, 8, jnp.bfloat16) == 1
+    assert rule(256, 32, jnp.float32) == 1
+    assert rule(256, 32, jnp.bfloat16, "interpret") == 1
+
+
+@pytest.mark.parametrize("splits", [2, 4])
+def test_decode_value_split_indexing(splits, monkeypatch):
+    """Forcing E value-column parts (on any backend) computes the same attention: each part
+    writes its own columns (bitwise equality across E is the GPU test below)."""
+    q, k, v = qkv(1400, 2, 2, 300, 4, 2, 256, jnp.bfloat16)
+    lengths = jnp.array([300, 70], jnp.int32)
+    want = np.asarray(decode_attention(q, k, v, lengths), np.float32)
+    monkeypatch.setattr(K, "decode_value_splits", lambda hp, p, dt, be="gpu": splits)
+    jax.clear_caches()
+    got = np.asarray(decode_attention(q, k, v, lengths), np.float32)
+    monkeypatch.undo()
+    jax.clear_caches()
+    np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.skipif(INTERPRET, reason="value-column splits run on the GPU only")
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_gpu_decode_value_splits_do_not_change_bits(dtype, monkeypatch):
+    """Decode with E = 1, 2, 4 value-column parts equals prefill bitwise at head dim 256 (soft-cap,
+    across the split boundary, NaN/inf past the lengths)."""
+    s = 1100
+    q, k, v = qkv(1500, 3, s, s, 8, 4, 256, dtype)
+    lengths = np.array([1100, 1025, 65])
+    full = np.asarray(attention(q, k, v, logits_soft_cap=50.0))
+    past = jnp.arange(s)[None, :, None, None] >= jnp.asarray(lengths)[:, None, None, None]
+    kn, vn = jnp.where(past, jnp.nan, k), jnp.where(past, jnp.inf, v)
+    qd = jnp.stack([q[b, L - 2:L] for b, L in enumerate(lengths)])
+    for e in (1, 2, 4):
+        monkeypatch.setattr(K, "decode_value_splits", lambda hp, p, dt, be="gpu", e=e: e)
+        jax.clear_caches()
+        dec = decode_attention(qd, kn, vn, jnp.asarray(lengths), logits_soft_cap=50.0)
+        for b, L in enumerate(lengths):
+            assert_bits_equal(dec[b], full[b, L - 2:L], f"E={e} b={b} L={L}")
+    monkeypatch.undo()
+    jax.clear_caches()
