@@ -502,3 +502,27 @@ def test_gpu_decode_value_splits_do_not_change_bits(dtype, monkeypatch):
             assert_bits_equal(dec[b], full[b, L - 2:L], f"E={e} b={b} L={L}")
     monkeypatch.undo()
     jax.clear_caches()
+
+
+@pytest.mark.skipif(INTERPRET, reason="the mismatch is in Triton's tensor-core dot on the GPU")
+@pytest.mark.xfail(strict=True, reason="known defect (session 6, run s6-7): at head dims 128/256, "
+                   "bf16/f16, a cache holding NaN/inf past a sequence's length inside its last KV "
+                   "block sends decode through the guarded fold, whose select-fed p @ v dot rounds "
+                   "2-3 elements differently from prefill's plain fold. Zero-initialised caches "
+                   "(detjax.generate) are not affected.")
+def test_gpu_decode_equals_prefill_with_nan_past_length_head_dim_256():
+    dt, h, s, maxlen = jnp.bfloat16, 256, 1100, 1152
+    ks = jax.random.split(jax.random.key(h + 11), 3)
+    q = jax.random.normal(ks[0], (2, s, 8, h), dt)
+    k = jax.random.normal(ks[1], (2, s, 4, h), dt)
+    v = jax.random.normal(ks[2], (2, s, 4, h), dt)
+    full = np.asarray(attention(q, k, v, logits_soft_cap=50.0))
+    lengths, rows = [500, 777, 1023], [1, 0, 0]
+    past = jnp.arange(maxlen)[None, :, None, None] >= jnp.array(lengths)[:, None, None, None]
+    kc = jnp.stack([jnp.pad(k[b], ((0, maxlen - s), (0, 0), (0, 0))) for b in rows])
+    vc = jnp.stack([jnp.pad(v[b], ((0, maxlen - s), (0, 0), (0, 0))) for b in rows])
+    kn, vn = jnp.where(past, jnp.nan, kc), jnp.where(past, jnp.inf, vc)
+    qd = jnp.stack([q[b, L - 2:L] for b, L in zip(rows, lengths)])
+    dec = decode_attention(qd, kn, vn, jnp.array(lengths, jnp.int32), logits_soft_cap=50.0)
+    for i, (b, L) in enumerate(zip(rows, lengths)):
+        assert_bits_equal(dec[i], full[b, L - 2:L], f"b={b} L={L}")
