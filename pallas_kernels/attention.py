@@ -24,8 +24,13 @@ key makes the row NaN; a NaN/inf value at a valid key gives NaN/inf in that outp
 outside the interval (future keys, outside the window, past the length) never touch the row, not
 even as ``0 * NaN`` inside the ``p @ v`` dot (``_split_state``: a split whose accumulator comes
 out non-finite is folded again with ``_pv``'s guarded dots, which zero the non-finite values and
-count them exactly per row; for finite values both folds give the same bits). So decode, whose
-last split may hold a cache area past its length, agrees with prefill also for non-finite caches.
+count them exactly per row; for finite values both folds are meant to give the same bits). So
+decode, whose last split may hold a cache area past its length, agrees with prefill also for
+non-finite caches, with one known exception: at head dims 128/256 in bf16/f16, NaN/inf past a
+sequence's length *inside its last KV block* made 2-3 output elements of 24 differ from prefill on
+the H100 (run s6-7; the same with session 4's kernel configuration;
+``test_gpu_decode_equals_prefill_with_nan_past_length_head_dim_256``, xfail). Zero-initialised
+caches, such as ``detjax.generate``'s, never take the guarded fold for that reason.
 (A valid key whose ``p`` underflowed to exactly 0 still propagates its NaN/inf.)
 
 Reduction order (the product; see also ``pallas_kernels/order.py``)
@@ -433,7 +438,9 @@ def _split_state(q, k_ref, v_ref, lo, hi, kv_len, b0, b1, cfg):
     gave 1-ulp different results for a value tile fed straight from the load and one fed through a
     select (H100, run s4-5), and the guarded fold feeds ``v`` through a select, so without it a
     decode whose cache holds NaN past its length (guarded fold) would differ from prefill (plain
-    fold). bf16/f16 tensor-core dots give the same bits either way (the same tests pass).
+    fold). bf16/f16 tensor-core dots gave the same bits either way at head dim 64 (the same tests
+    pass), but not at head dims 128/256 (run s6-7, see the module header): the known exception to
+    "which fold ran never shows".
     """
     mask_len = kv_len if k_ref.dtype == jnp.float32 else None
 
@@ -558,8 +565,10 @@ def decode_value_splits(hp: int, programs: int, dtype, backend: str = "gpu") -> 
     1024 keys), each walking its KV blocks in order, so most of the GPU idles. Splitting the
     columns of ``p @ v`` adds programs without touching the reduction order: every program runs the
     same ``q . k`` dot over the full head dim (same bits), and each column of ``p @ v`` is a dot over
-    the same 64 keys whatever the dot's width (Triton's 8-warp kernels already issue it as two
-    half-width dots; ``test_gpu_decode_value_splits_do_not_change_bits``). The price is re-reading
+    the same 64 keys whatever the dot's width. On the H100 (run s6-6) decode with E = 1, 2 and 4
+    equalled prefill bitwise for bf16 and f16 at head dim 256
+    (``test_gpu_decode_value_splits_do_not_change_bits``), and the 11 output hashes did not move;
+    1.31x faster at the gemma2_2b shape at batch 8 (49.1 -> 37.5 us), 1.53x at batch 1. The price is re-reading
     ``K`` once per program, so columns are split only while the grid has fewer than
     ``DECODE_TARGET_PROGRAMS`` programs, into parts of at least 64 columns, bf16/f16 only (float32's
     FMA-dot kernels were not measured). GPU only: interpret mode runs XLA's CPU dot, whose bits

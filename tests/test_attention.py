@@ -507,9 +507,9 @@ def test_gpu_decode_value_splits_do_not_change_bits(dtype, monkeypatch):
 @pytest.mark.skipif(INTERPRET, reason="the mismatch is in Triton's tensor-core dot on the GPU")
 @pytest.mark.xfail(strict=True, reason="known defect (session 6, run s6-7): at head dims 128/256, "
                    "bf16/f16, a cache holding NaN/inf past a sequence's length inside its last KV "
-                   "block sends decode through the guarded fold, whose select-fed p @ v dot rounds "
-                   "2-3 elements differently from prefill's plain fold. Zero-initialised caches "
-                   "(detjax.generate) are not affected.")
+                   "block sends decode through the guarded fold, which gave 2-3 elements other bits "
+                   "than prefill's plain fold (probably its select-fed p @ v dot, as session 4 saw "
+                   "for f32). Zero-initialised caches (detjax.generate) are not affected.")
 def test_gpu_decode_equals_prefill_with_nan_past_length_head_dim_256():
     dt, h, s, maxlen = jnp.bfloat16, 256, 1100, 1152
     ks = jax.random.split(jax.random.key(h + 11), 3)
