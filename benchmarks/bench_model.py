@@ -1,7 +1,9 @@
 """End-to-end model benchmark: the same Gemma-style modules on detjax kernels and on plain XLA.
 
 Usage: ``python benchmarks/bench_model.py [--model gemma2_2b] [--batches 1,8,64] [--prompt 512]
-[--new-tokens 256] [--json OUT] [--transform]``
+[--new-tokens 256] [--json OUT] [--transform] [--skip-forward]``
+
+A batch size that fails (e.g. out of GPU memory) is reported as ``FAILED`` and skipped.
 
 ``--transform`` times only the forward pass of three versions of the same model: the modules on plain
 XLA, ``detjax.deterministic`` applied to that plain-XLA forward (the jaxpr transform, untouched
@@ -43,7 +45,7 @@ def forward_fn(model):
     return fwd, state
 
 
-def run(model_name, batches, prompt, new_tokens, iters):
+def run(model_name, batches, prompt, new_tokens, iters, forward=True):
     config = getattr(GemmaConfig, model_name)()
     rows = []
     models = {impl: Transformer(config, rngs=nnx.Rngs(0), impl=impl) for impl in ("xla", "detjax")}
@@ -52,15 +54,21 @@ def run(model_name, batches, prompt, new_tokens, iters):
         tokens = jnp.asarray(rng.integers(1, config.vocab_size, size=(b, prompt)), jnp.int32)
         prompts = [list(map(int, t)) for t in np.asarray(tokens)]
         res = {}
-        for impl, model in models.items():
-            fwd, state = forward_fn(model)
-            fwd_ms = device_ms(fwd, state, tokens, iters=iters)
-            max_len = -(-(prompt + new_tokens) // 64) * 64
-            generate(model, prompts, new_tokens, max_len=max_len)  # compile
-            t = time.perf_counter()
-            out = generate(model, prompts, new_tokens, max_len=max_len)
-            gen_s = time.perf_counter() - t
-            res[impl] = (fwd_ms, gen_s, sum(len(x) for x in out.tokens))
+        try:
+            for impl, model in models.items():
+                fwd_ms = float("nan")
+                if forward:
+                    fwd, state = forward_fn(model)
+                    fwd_ms = device_ms(fwd, state, tokens, iters=iters)
+                max_len = -(-(prompt + new_tokens) // 64) * 64
+                generate(model, prompts, new_tokens, max_len=max_len)  # compile
+                t = time.perf_counter()
+                out = generate(model, prompts, new_tokens, max_len=max_len)
+                gen_s = time.perf_counter() - t
+                res[impl] = (fwd_ms, gen_s, sum(len(x) for x in out.tokens))
+        except Exception as e:  # noqa: BLE001 - report the batch size that failed (e.g. out of memory)
+            print(f"{model_name} B={b:3d} FAILED ({impl}): {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
         (fx, gx, nx), (fd, gd, nd) = res["xla"], res["detjax"]
         rows.append(dict(model=model_name, batch=b, prompt=prompt, new_tokens=new_tokens,
                          fwd_xla_ms=fx, fwd_detjax_ms=fd, fwd_ratio=fx / fd,
@@ -105,12 +113,15 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--json", default=None)
     p.add_argument("--transform", action="store_true", help="forward only: XLA vs deterministic(XLA) vs nn")
+    p.add_argument("--skip-forward", action="store_true",
+                   help="time generation only (the forward pass returns [B, prompt, vocab] logits: "
+                        "large at batch 64)")
     args = p.parse_args(argv)
     if args.transform:
         rows = run_transform(args.model, [int(b) for b in args.batches.split(",")], args.prompt, args.iters)
     else:
         rows = run(args.model, [int(b) for b in args.batches.split(",")], args.prompt,
-               args.new_tokens, args.iters)
+                   args.new_tokens, args.iters, forward=not args.skip_forward)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(device=jax.devices()[0].device_kind,
                                                    jax=jax.__version__, rows=rows), indent=1))
