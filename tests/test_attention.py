@@ -425,6 +425,19 @@ def test_gpu_warp_count_does_not_change_bits(dtype, monkeypatch):
         assert_bits_equal(a, b, f"output {i}: 4 warps vs 8 warps")
 
 
+def _decode_case_head_dim_256(seed, dtype):
+    """Prefill (soft-cap 50) of 3 sequences of 1100 tokens at head dim 256, and the decode inputs
+    for their last 2 tokens at lengths 1100 / 1025 / 65 with NaN keys and inf values past them."""
+    s = 1100
+    q, k, v = qkv(seed, 3, s, s, 8, 4, 256, dtype)
+    lengths = np.array([1100, 1025, 65])
+    full = np.asarray(attention(q, k, v, logits_soft_cap=50.0))
+    past = jnp.arange(s)[None, :, None, None] >= jnp.asarray(lengths)[:, None, None, None]
+    kn, vn = jnp.where(past, jnp.nan, k), jnp.where(past, jnp.inf, v)
+    qd = jnp.stack([q[b, L - 2:L] for b, L in enumerate(lengths)])
+    return full, k, v, kn, vn, qd, lengths
+
+
 @pytest.mark.skipif(INTERPRET, reason="Triton's warp layout and pipelining exist only on the GPU")
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_gpu_decode_config_does_not_change_bits(dtype, monkeypatch):
@@ -432,13 +445,7 @@ def test_gpu_decode_config_does_not_change_bits(dtype, monkeypatch):
     (prefill: 4 warps, 1 stage). Decode must still equal prefill bitwise, across the split
     boundary, with soft-cap, and with NaN/inf past the lengths (the guarded fold); and equal the
     decode kernels run with the prefill configuration."""
-    s = 1100
-    q, k, v = qkv(1300, 3, s, s, 8, 4, 256, dtype)
-    lengths = np.array([1100, 1025, 65])
-    full = np.asarray(attention(q, k, v, logits_soft_cap=50.0))
-    past = jnp.arange(s)[None, :, None, None] >= jnp.asarray(lengths)[:, None, None, None]
-    kn, vn = jnp.where(past, jnp.nan, k), jnp.where(past, jnp.inf, v)
-    qd = jnp.stack([q[b, L - 2:L] for b, L in enumerate(lengths)])
+    full, k, v, kn, vn, qd, lengths = _decode_case_head_dim_256(1300, dtype)
 
     def outputs():
         jax.clear_caches()
@@ -487,13 +494,7 @@ def test_decode_value_split_indexing(splits, monkeypatch):
 def test_gpu_decode_value_splits_do_not_change_bits(dtype, monkeypatch):
     """Decode with E = 1, 2, 4 value-column parts equals prefill bitwise at head dim 256 (soft-cap,
     across the split boundary, NaN/inf past the lengths)."""
-    s = 1100
-    q, k, v = qkv(1500, 3, s, s, 8, 4, 256, dtype)
-    lengths = np.array([1100, 1025, 65])
-    full = np.asarray(attention(q, k, v, logits_soft_cap=50.0))
-    past = jnp.arange(s)[None, :, None, None] >= jnp.asarray(lengths)[:, None, None, None]
-    kn, vn = jnp.where(past, jnp.nan, k), jnp.where(past, jnp.inf, v)
-    qd = jnp.stack([q[b, L - 2:L] for b, L in enumerate(lengths)])
+    full, _, _, kn, vn, qd, lengths = _decode_case_head_dim_256(1500, dtype)
     for e in (1, 2, 4):
         monkeypatch.setattr(K, "decode_value_splits", lambda hp, p, dt, be="gpu", e=e: e)
         jax.clear_caches()
