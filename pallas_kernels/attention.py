@@ -568,11 +568,12 @@ def decode_value_splits(hp: int, programs: int, dtype, backend: str = "gpu") -> 
     the same 64 keys whatever the dot's width. On the H100 (run s6-6) decode with E = 1, 2 and 4
     equalled prefill bitwise for bf16 and f16 at head dim 256
     (``test_gpu_decode_value_splits_do_not_change_bits``), and the 11 output hashes did not move;
-    1.31x faster at the gemma2_2b shape at batch 8 (49.1 -> 37.5 us), 1.53x at batch 1. The price is re-reading
-    ``K`` once per program, so columns are split only while the grid has fewer than
+    1.31x faster at the gemma2_2b shape at batch 8 (49.1 -> 37.5 us), 1.53x at batch 1. The price
+    is re-reading ``K`` once per program, so columns are split only while the grid has fewer than
     ``DECODE_TARGET_PROGRAMS`` programs, into parts of at least 64 columns, bf16/f16 only (float32's
-    FMA-dot kernels were not measured). GPU only: interpret mode runs XLA's CPU dot, whose bits
-    depend on its width."""
+    FMA-dot kernels were not measured). GPU only: interpret mode (XLA's CPU dot) was not checked
+    bitwise across widths, so it keeps E = 1. The split kernel takes ``gpu_config`` of its part's
+    width (E = 4 at head dim 256: 64 columns, 4 warps, 3 stages)."""
     if backend != "gpu" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
         return 1
     e = 1
