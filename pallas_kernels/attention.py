@@ -99,6 +99,9 @@ BLOCKS_PER_SPLIT = ATTN_SPLIT_K // ATTN_BLOCK_K
 _BIG = 2 ** 30  # larger than any key index; positions and windows are clipped to +-_BIG
 
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+#: Dtypes whose decode kernels were measured bit-neutral under more warps/stages and value splits
+#: (tensor-core dots; float32's FMA-dot kernels were not checked).
+_DECODE_TUNED_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,7 +145,7 @@ def gpu_config(head_dim: int, kernel: str = "prefill", dtype=None) -> tuple[int,
         return 4, 3
     if hp <= 128:
         return 4, 2
-    if kernel == "decode" and dtype is not None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    if kernel == "decode" and dtype is not None and jnp.dtype(dtype) in _DECODE_TUNED_DTYPES:
         return 8, 2
     return 4, 1
 
@@ -574,7 +577,7 @@ def decode_value_splits(hp: int, programs: int, dtype, backend: str = "gpu") -> 
     FMA-dot kernels were not measured). GPU only: interpret mode (XLA's CPU dot) was not checked
     bitwise across widths, so it keeps E = 1. The split kernel takes ``gpu_config`` of its part's
     width (E = 4 at head dim 256: 64 columns, 4 warps, 3 stages)."""
-    if backend != "gpu" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    if backend != "gpu" or jnp.dtype(dtype) not in _DECODE_TUNED_DTYPES:
         return 1
     e = 1
     while hp // (2 * e) >= 64 and programs * 2 * e <= DECODE_TARGET_PROGRAMS:
@@ -596,13 +599,10 @@ def decode_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig):
     # m and l are the same in every column part; each part writes its own copy (no shared writes)
     state_spec = pl.BlockSpec((None, None, None, None, BLOCK_Q), lambda b, h, i, c, e: (b, h, c, e, i))
     acc_spec = pl.BlockSpec((None, None, None, BLOCK_Q, hv), lambda b, h, i, c, e: (b, h, c, i, e))
-    row_spec = pl.BlockSpec((None, BLOCK_Q), lambda b, h, i, c, e: (b, i))
     m, l, acc = pl.pallas_call(
         functools.partial(_decode_split_kernel, cfg=cfg),
         grid=(b, kh, nq, ns, ne),
-        in_specs=[row_spec, row_spec, row_spec,
-                  pl.BlockSpec((None, None, BLOCK_Q, hp), lambda b, h, i, c, e: (b, h, i, 0)),
-                  pl.BlockSpec((None, sp, None, hp), lambda b, h, i, c, e: (b, 0, h, 0)),
+        in_specs=[_row_spec(), _row_spec(), _row_spec(), _qrow_spec(hp), _kv_full_spec(sp, hp),
                   pl.BlockSpec((None, sp, None, hv), lambda b, h, i, c, e: (b, 0, h, e))],
         out_specs=[state_spec, state_spec, acc_spec],
         out_shape=[jax.ShapeDtypeStruct((b, kh, ns, ne, rp), jnp.float32),
