@@ -23,14 +23,13 @@ Non-finite inputs follow IEEE arithmetic *restricted to the row's interval*: a N
 key makes the row NaN; a NaN/inf value at a valid key gives NaN/inf in that output column; keys
 outside the interval (future keys, outside the window, past the length) never touch the row, not
 even as ``0 * NaN`` inside the ``p @ v`` dot (``_split_state``: a split whose accumulator comes
-out non-finite is folded again with ``_pv``'s guarded dots, which zero the non-finite values and
-count them exactly per row; for finite values both folds are meant to give the same bits). So
-decode, whose last split may hold a cache area past its length, agrees with prefill also for
-non-finite caches, with one known exception: at head dims 128/256 in bf16/f16, NaN/inf past a
-sequence's length *inside its last KV block* made 2-3 output elements of 24 differ from prefill on
-the H100 (run s6-7; the same with session 4's kernel configuration;
-``test_gpu_decode_equals_prefill_with_nan_past_length_head_dim_256``, xfail). Zero-initialised
-caches, such as ``detjax.generate``'s, never take the guarded fold for that reason.
+out non-finite is folded again with ``_add_pv``'s guarded dots, which zero the non-finite values
+and count them exactly per row; for finite values both folds give the same bits). So decode,
+whose last split may hold a cache area past its length, agrees with prefill also for non-finite
+caches. (Until session 7 the guarded fold fixed the dot's result up before adding it to the
+accumulator, which at head dims 128/256 in bf16/f16 rounded differently from the plain fold: run
+s6-7 found decode with NaN/inf past the length 2-3 elements off prefill. ``_add_pv`` says why
+and how it was fixed; ``test_gpu_decode_equals_prefill_with_nan_past_length_head_dim_256``.)
 (A valid key whose ``p`` underflowed to exactly 0 still propagates its NaN/inf.)
 
 Reduction order (the product; see also ``pallas_kernels/order.py``)
@@ -301,23 +300,33 @@ def _nan_max(a, b):
 _NAN_CODE, _PINF_CODE, _NINF_CODE = 1.0, 128.0, 16384.0
 
 
-def _pv(p, v, valid, guarded=True):
-    """``p @ v`` where keys outside a row's interval never contribute, even as ``0 * NaN``.
+def _add_pv(scaled, p, v, valid, guarded=True):
+    """``scaled + p @ v`` where keys outside a row's interval never contribute, even as ``0 * NaN``
+    (``scaled`` is the rescaled accumulator ``acc * alpha``).
 
-    ``guarded=False`` is the plain dot (all-finite ``v``, the normal case). The guarded form runs the
-    dot on ``v`` with its non-finite entries zeroed, and each (row, column) whose *valid* keys hold
-    a non-finite value gets the IEEE result of adding them: NaN for a NaN or for both infinities,
-    else the infinity. (A valid key whose ``p`` underflowed to 0 still counts: see the header.)
-    For all-finite ``v`` both forms run the same dot on the same operands: the same bits.
+    ``guarded=False`` is the plain fold (all-finite ``v``, the normal case). The guarded form runs
+    the dot on ``v`` with its non-finite entries zeroed, and each (row, column) whose *valid* keys
+    hold a non-finite value gets the IEEE result of adding them to ``scaled``: NaN for a NaN or for
+    both infinities, else the infinity (or NaN, if ``scaled`` holds the opposite infinity). (A
+    valid key whose ``p`` underflowed to 0 still counts: see the header.)
+
+    Both forms add the dot's result *directly* to ``scaled``: Triton folds that add into the dot
+    as its initial accumulator (``dot(p, v, acc * alpha)``), which rounds differently from adding
+    a finished ``p @ v``. Session 6's guarded form fixed the dot's result up before the add, so
+    at head dims 128/256 (bf16/f16) it gave other bits than the plain fold (H100, runs s6-7 and
+    s7-2; not at head dim 64); with the add kept next to the dot, both forms give the same bits
+    for finite values (run s7-2: decode with NaN/inf past the lengths and prefill with NaN at a
+    future key both equal the clean results at head dims 128 and 256).
     """
     prec = _precision(v.dtype)
     if not guarded:
-        return _dot_nn(p.astype(v.dtype), v, prec)
+        return scaled + _dot_nn(p.astype(v.dtype), v, prec)
     finite = jnp.abs(v) < jnp.inf   # False for NaN and +-inf
-    pv = _dot_nn(p.astype(v.dtype), jnp.where(finite, v, jnp.zeros_like(v)), prec)
+    fused = scaled + _dot_nn(p.astype(v.dtype), jnp.where(finite, v, jnp.zeros_like(v)), prec)
     codes = (_NAN_CODE, _PINF_CODE, _NINF_CODE)
     cnt = _dot_nn(valid.astype(v.dtype), nonfinite_code(v, codes), prec)   # exact small integers
-    return apply_nonfinite_counts(pv, cnt, codes)
+    special = apply_nonfinite_counts(jnp.zeros_like(fused), cnt, codes)     # 0, +-inf or NaN
+    return jnp.where(special != 0, scaled + special, fused)
 
 
 def nonfinite_code(v, codes):
@@ -358,8 +367,7 @@ def _block_step(state, s, valid, v, guarded=True):
     row_nan = l_new != l_new                     # a NaN logit (or a NaN state) in this row
     any_valid = (m_blk > -jnp.inf) | row_nan
     m_new = jnp.where(row_nan, jnp.nan, m_new)
-    pv = _pv(p, v, jnp.broadcast_to(valid, p.shape), guarded)
-    acc_new = acc * alpha[..., None] + pv
+    acc_new = _add_pv(acc * alpha[..., None], p, v, jnp.broadcast_to(valid, p.shape), guarded)
     return (jnp.where(any_valid, m_new, m), jnp.where(any_valid, l_new, l),
             jnp.where(any_valid[..., None], acc_new, acc))
 
@@ -434,16 +442,15 @@ def _split_state(q, k_ref, v_ref, lo, hi, kv_len, b0, b1, cfg):
 
     The blocks are first folded with plain ``p @ v`` dots. Only if the split's accumulator comes out
     non-finite (a NaN/inf value somewhere, or an overflow) is the split folded again with the
-    guarded dots of ``_pv``, which keep every row exact. One check per split instead of one per
-    block; for finite values both folds give the same bits, so which one ran never shows.
+    guarded dots of ``_add_pv``, which keep every row exact. One check per split instead of one
+    per block; for finite values both folds give the same bits, so which one ran never shows
+    (bf16/f16 on the H100 at head dims 64, 128 and 256: run s7-2 and the GPU tests).
 
     float32 keys/values keep the ``kv_len`` select on load (``_load_kv_block``): Triton's f32 dot
     gave 1-ulp different results for a value tile fed straight from the load and one fed through a
     select (H100, run s4-5), and the guarded fold feeds ``v`` through a select, so without it a
     decode whose cache holds NaN past its length (guarded fold) would differ from prefill (plain
-    fold). bf16/f16 tensor-core dots gave the same bits either way at head dim 64 (the same tests
-    pass), but not at head dims 128/256 (run s6-7, see the module header): the known exception to
-    "which fold ran never shows".
+    fold). (That f32 difference may have had the cause ``_add_pv`` describes; it was not re-measured.)
     """
     mask_len = kv_len if k_ref.dtype == jnp.float32 else None
 

@@ -204,7 +204,7 @@ def _pv(p, v, valid):
     An all-finite ``v`` block (the normal case) takes the plain dot. Otherwise the dot runs on ``v``
     with its non-finite entries zeroed, and each (row, column) whose *valid* keys hold a non-finite
     value gets the IEEE sum of those: NaN for a NaN or for both infinities, else the infinity. Same
-    rule as ``_pv`` in ``attention.py``.
+    rule as ``_add_pv`` in ``attention.py``.
     """
     dot = _dot_nn
     finite = jnp.abs(v) < jnp.inf  # False for NaN and +-inf
