@@ -24,7 +24,12 @@ Reduction order (the product; see also ``pallas_kernels/order.py``)
 
 Rows of ``a`` never interact: row ``m`` of the output depends only on row ``m`` of ``a`` and on ``b``,
 computed by the same instruction sequence whatever the row's position in its tile, so
-``f(x)[i] == f(x[i:i+1])[0]`` bitwise.
+``f(x)[i] == f(x[i:i+1])[0]`` bitwise. ``M`` is not padded: when the last row tile of a launch
+overhangs ``M`` its missing rows are loaded as zeros (a masked load on the GPU) and not stored, so
+the tile holds the values zero padding would give, and a decode step (``M`` = batch) does not copy
+its activations and outputs around every matmul. On the H100 (session 7, runs s7-12/s7-13) the
+output hashes and the GPU batch-invariance, configuration and grouped-kernel tests gave the same
+bits as before; one gemma2_2b decode step at batch 8 went from 3.97 to 3.74 ms.
 
 ``matmul_reference`` is a plain-JAX version with the same tiling semantics (on CPU it reproduces the
 interpret-mode bits exactly); ``matmul_f64_reference`` is the accuracy yardstick.
@@ -124,14 +129,49 @@ def _k_loop(a_tile, b_tile, trips, shape, *, block_k, transpose_b, acc_dtype, pr
     return lax.fori_loop(0, trips, body, jnp.zeros(shape, acc_dtype))
 
 
+def _row_mask(rows, row_block, block_m):
+    """``[block_m, 1]``: which rows of q-block ``row_block`` lie below ``rows`` (``None``: all)."""
+    if rows is None:
+        return None
+    return (row_block * block_m + jnp.arange(block_m, dtype=jnp.int32) < rows)[:, None]
+
+
+def _masked_rows(ref, mask, gpu):
+    """``ref[...]`` with the rows outside ``mask`` read as 0 (a launch's last row tile may overhang
+    ``M``: the operand is not padded, see ``matmul_kernel_call``). On the GPU a masked load, which
+    never touches memory past the array; in interpret mode (where Pallas pads an overhanging block
+    with its own fill value) a select."""
+    if mask is None:
+        return ref[...]
+    if gpu:
+        from jax.experimental.pallas import triton as pltriton
+        return pltriton.load(ref, mask=jnp.broadcast_to(mask, ref.shape), other=0)
+    return jnp.where(mask, ref[...], jnp.zeros((), ref.dtype))
+
+
+def _store_rows(ref, value, mask, gpu):
+    """Store the rows inside ``mask`` (on the GPU a masked store; interpret mode drops the rows of
+    an overhanging block itself)."""
+    if mask is None or not gpu:
+        ref[...] = value
+        return
+    from jax.experimental.pallas import triton as pltriton
+    pltriton.store(ref, value, mask=jnp.broadcast_to(mask, ref.shape))
+
+
 def _matmul_kernel(a_ref, b_ref, *refs, k_tiles, block_k, transpose_b, acc_dtype, precision,
-                   aliased=False):
+                   aliased=False, rows=None, row_offset=0, gpu=True):
+    """``rows``: the valid rows of ``a`` when the last row tile overhangs them (masked loads and
+    stores, rows past ``M`` read as 0: the same tile values as zero padding)."""
     o_ref = refs[-1]   # (with ``aliased`` the previous launch's output comes first, never read)
+    bm = a_ref.shape[-2]
+    mask = _row_mask(rows, pl.program_id(1) + row_offset, bm)
     b_tile = (lambda ks: b_ref[0, :, ks]) if transpose_b else (lambda ks: b_ref[0, ks, :])
-    acc = _k_loop(lambda ks: a_ref[0, :, ks], b_tile, _backend.opaque_trip_count(k_tiles),
-                  (a_ref.shape[-2], o_ref.shape[-1]), block_k=block_k, transpose_b=transpose_b,
+    acc = _k_loop(lambda ks: _masked_rows(a_ref.at[0, :, ks], mask, gpu), b_tile,
+                  _backend.opaque_trip_count(k_tiles),
+                  (bm, o_ref.shape[-1]), block_k=block_k, transpose_b=transpose_b,
                   acc_dtype=acc_dtype, precision=precision)
-    o_ref[0] = acc.astype(o_ref.dtype)
+    _store_rows(o_ref.at[0], acc.astype(o_ref.dtype), mask, gpu)
 
 
 # Wave quantisation: a grid of T tiles on S SMs runs ceil(T / S) waves; for the 2B down projection
@@ -236,14 +276,15 @@ def matmul_kernel_call(a, b, *, transpose_b=False, out_dtype=None, precision="hi
         if r0 % c.block_m or (r1 != M and r1 % c.block_m) or not 0 <= r0 < r1 <= M:
             raise ValueError(f"split_rows={split_rows} must lie in (0, {M}) and be a multiple of "
                              f"block_m ({cfg.block_m}, {tail.block_m})")
-    # Padded sizes serve every launch: rows up to the last launch's tile, N and K to every tile.
-    Mp = launches[-1][1] + round_up(max(M - launches[-1][1], 1), launches[-1][0].block_m)
+    # N and K are padded to every tile (padded K adds exact zeros, padded columns are sliced off).
+    # M is not padded: a launch whose last row tile overhangs M loads the missing rows as 0 and
+    # never stores them (``_matmul_kernel``'s ``rows``), the tile values of zero padding, without
+    # a copy of ``a`` and of the output per call (decode: M = batch).
     bn_all = max(c.block_n for c, _, _ in launches)
     bk_all = max(c.block_k for c, _, _ in launches)
     Np, Kp = round_up(max(N, 1), bn_all), round_up(max(K, 1), bk_all)
-    # Zero padding: padded rows/cols of the output are sliced off; padded K adds exact zeros.
-    if (Mp, Kp) != (M, K):
-        a = jnp.pad(a, ((0, 0), (0, Mp - M), (0, Kp - K)))
+    if Kp != K:
+        a = jnp.pad(a, ((0, 0), (0, 0), (0, Kp - K)))
     if transpose_b:
         if (Np, Kp) != (N, K):
             b = jnp.pad(b, ((0, 0), (0, Np - N), (0, Kp - K)))
@@ -254,7 +295,8 @@ def matmul_kernel_call(a, b, *, transpose_b=False, out_dtype=None, precision="hi
     for c, r0, r1 in launches:
         bm, bn, bk = c.block_m, c.block_n, c.block_k
         off = r0 // bm
-        rows = (Mp if r1 == M else r1) - r0
+        row_tiles = -(-(r1 - r0) // bm)
+        ragged = (r1 - r0) % bm != 0
         if transpose_b:
             b_spec = pl.BlockSpec((1, bn, Kp), (lambda bi, i, j: (bi, j, 0)) if b_index_batch
                                   else (lambda bi, i, j: (0, j, 0)))
@@ -263,7 +305,8 @@ def matmul_kernel_call(a, b, *, transpose_b=False, out_dtype=None, precision="hi
                                   else (lambda bi, i, j: (0, 0, j)))
         kernel = functools.partial(_matmul_kernel, k_tiles=Kp // bk, block_k=bk,
                                    transpose_b=transpose_b, acc_dtype=acc_dtype,
-                                   precision=_dot_precision(a.dtype, precision), aliased=out is not None)
+                                   precision=_dot_precision(a.dtype, precision), aliased=out is not None,
+                                   rows=M if ragged else None, row_offset=off, gpu=be == "gpu")
         compiler_params = None
         if be == "gpu":
             from jax.experimental.pallas import triton as pltriton
@@ -276,17 +319,17 @@ def matmul_kernel_call(a, b, *, transpose_b=False, out_dtype=None, precision="hi
             args = (a, b, out)
         out = pl.pallas_call(
             kernel,
-            grid=(B, rows // bm, Np // bn),
+            grid=(B, row_tiles, Np // bn),
             in_specs=in_specs,
             out_specs=out_spec,
-            out_shape=jax.ShapeDtypeStruct((B, Mp, Np), out_dtype),
+            out_shape=jax.ShapeDtypeStruct((B, M, Np), out_dtype),
             input_output_aliases={2: 0} if len(args) == 3 else {},
             interpret=_backend.interpret_arg(be),
             compiler_params=compiler_params,
             name="detjax_matmul",
         )(*args)
-    if (Mp, Np) != (M, N):
-        out = out[:, :M, :N]
+    if Np != N:
+        out = out[:, :, :N]
     return out
 
 
@@ -321,23 +364,26 @@ def matmul_f64_reference(a, b, *, transpose_b=False):
 # Grouped weights: one launch for several weights in "heads" layout, without transposing them.
 
 
-def _grouped_kernel(a_ref, *refs, n_w, starts, k_tiles, block_k, acc_dtype, precision):
+def _grouped_kernel(a_ref, *refs, n_w, starts, k_tiles, block_k, acc_dtype, precision, rows=None,
+                    gpu=True):
     """Program ``(i, c)``: column tile ``c`` of the concatenated outputs. Column tiles
     ``[starts[w], starts[w + 1])`` belong to weight ``w``; only that weight is read and only its
-    output written (``pl.when``). The K loop is ``_matmul_kernel``'s (``_k_loop``)."""
+    output written (``pl.when``). The K loop is ``_matmul_kernel``'s (``_k_loop``), and so are the
+    masked rows of an overhanging last row tile (``rows``)."""
     b_refs, o_refs = refs[:n_w], refs[n_w:]
     c = pl.program_id(1)
     trips = _backend.opaque_trip_count(k_tiles)   # read outside pl.when (interpret mode needs it)
+    mask = _row_mask(rows, pl.program_id(0), a_ref.shape[0])
 
     for w in range(n_w):
         b_ref, o_ref = b_refs[w], o_refs[w]
 
         @pl.when((c >= starts[w]) & (c < starts[w + 1]))
         def _(b_ref=b_ref, o_ref=o_ref):
-            acc = _k_loop(lambda ks: a_ref[:, ks], lambda ks: b_ref[0, ks, :], trips,
-                          (a_ref.shape[0], o_ref.shape[-1]), block_k=block_k, transpose_b=False,
-                          acc_dtype=acc_dtype, precision=precision)
-            o_ref[...] = acc.astype(o_ref.dtype)
+            acc = _k_loop(lambda ks: _masked_rows(a_ref.at[:, ks], mask, gpu), lambda ks: b_ref[0, ks, :],
+                          trips, (a_ref.shape[0], o_ref.shape[-1]), block_k=block_k,
+                          transpose_b=False, acc_dtype=acc_dtype, precision=precision)
+            _store_rows(o_ref, acc.astype(o_ref.dtype), mask, gpu)
 
 
 def grouped_block_n(heads_dims, cfg_block_n: int) -> int | None:
@@ -391,10 +437,9 @@ def grouped_matmul_call(a, weights, *, out_dtype=None, precision="highest", back
                                out_dtype=out_dtype, precision=precision, backend=be)[0]
             for w in weights)
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
-    Mp, Kp = round_up(max(M, 1), bm), round_up(max(K, 1), bk)
-    if (Mp, Kp) != (M, K):
-        a = jnp.pad(a, ((0, Mp - M), (0, Kp - K)))
+    Kp = round_up(max(K, 1), bk)   # M is not padded: masked rows, as in matmul_kernel_call
     if Kp != K:
+        a = jnp.pad(a, ((0, 0), (0, Kp - K)))
         weights = tuple(jnp.pad(w, ((0, 0), (0, Kp - K), (0, 0))) for w in weights)
     tiles = [w.shape[0] * w.shape[2] // bn for w in weights]
     starts = [0]
@@ -418,14 +463,15 @@ def grouped_matmul_call(a, weights, *, out_dtype=None, precision="highest", back
     outs = pl.pallas_call(
         functools.partial(_grouped_kernel, n_w=len(weights), starts=tuple(starts),
                           k_tiles=Kp // bk, block_k=bk, acc_dtype=jnp.float32,
-                          precision=_dot_precision(a.dtype, precision)),
-        grid=(Mp // bm, starts[-1]),
+                          precision=_dot_precision(a.dtype, precision),
+                          rows=M if M % bm else None, gpu=be == "gpu"),
+        grid=(-(-M // bm), starts[-1]),
         in_specs=[pl.BlockSpec((bm, Kp), lambda i, c: (i, 0))]
         + [pl.BlockSpec((1, Kp, bn), b_map(w)) for w in range(len(weights))],
         out_specs=[pl.BlockSpec((bm, bn), o_map(w)) for w in range(len(weights))],
-        out_shape=[jax.ShapeDtypeStruct((Mp, w.shape[0] * w.shape[2]), out_dtype) for w in weights],
+        out_shape=[jax.ShapeDtypeStruct((M, w.shape[0] * w.shape[2]), out_dtype) for w in weights],
         interpret=be != "gpu",
         compiler_params=compiler_params,
         name="detjax_matmul_grouped",
     )(a, *weights)
-    return tuple(o[:M] if Mp != M else o for o in outs)
+    return tuple(outs)
