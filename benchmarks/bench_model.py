@@ -1,7 +1,7 @@
 """End-to-end model benchmark: the same Gemma-style modules on detjax kernels and on plain XLA.
 
 Usage: ``python benchmarks/bench_model.py [--model gemma2_2b] [--batches 1,8,64] [--prompt 512]
-[--new-tokens 256] [--json OUT] [--transform] [--skip-forward]``
+[--new-tokens 256] [--json OUT] [--transform] [--skip-forward] [--skip-generate]``
 
 A batch size that fails (e.g. out of GPU memory) is reported as ``FAILED`` and skipped.
 
@@ -10,9 +10,9 @@ XLA, ``detjax.deterministic`` applied to that plain-XLA forward (the jaxpr trans
 model code), and the modules built on ``detjax.nn`` kernels.
 
 Forward: device-side time (CUPTI via ``profiler.measure`` on a GPU) of one jitted forward pass over
-``[batch, prompt]`` tokens, median of ``--iters``. Generation: wall-clock time of a second call of
-``detjax.generate`` (the first compiles), greedy, synchronised at the end (the loop runs on the
-device, no host sync per token). Random weights from a fixed seed; random prompts.
+``[batch, prompt]`` tokens, median of ``--iters``. Generation: wall-clock time of a call of
+``detjax.generate``, median of ``--gen-iters`` calls after the one that compiles, greedy,
+synchronised at the end (the loop runs on the device, no host sync per token). Random weights from a fixed seed; random prompts.
 Ratio = XLA time / detjax time (> 1: detjax faster).
 """
 
@@ -45,7 +45,7 @@ def forward_fn(model):
     return fwd, state
 
 
-def run(model_name, batches, prompt, new_tokens, iters, forward=True):
+def run(model_name, batches, prompt, new_tokens, iters, forward=True, generation=True, gen_iters=3):
     config = getattr(GemmaConfig, model_name)()
     rows = []
     models = {impl: Transformer(config, rngs=nnx.Rngs(0), impl=impl) for impl in ("xla", "detjax")}
@@ -60,12 +60,18 @@ def run(model_name, batches, prompt, new_tokens, iters, forward=True):
                 if forward:
                     fwd, state = forward_fn(model)
                     fwd_ms = device_ms(fwd, state, tokens, iters=iters)
-                max_len = -(-(prompt + new_tokens) // 64) * 64
-                generate(model, prompts, new_tokens, max_len=max_len)  # compile
-                t = time.perf_counter()
-                out = generate(model, prompts, new_tokens, max_len=max_len)
-                gen_s = time.perf_counter() - t
-                res[impl] = (fwd_ms, gen_s, sum(len(x) for x in out.tokens))
+                gen_s, n_gen = float("nan"), 0
+                if generation:
+                    max_len = -(-(prompt + new_tokens) // 64) * 64
+                    out = generate(model, prompts, new_tokens, max_len=max_len)  # compile
+                    times = []
+                    for _ in range(gen_iters):
+                        t = time.perf_counter()
+                        out = generate(model, prompts, new_tokens, max_len=max_len)
+                        times.append(time.perf_counter() - t)
+                    gen_s = float(np.median(times))
+                    n_gen = sum(len(x) for x in out.tokens)
+                res[impl] = (fwd_ms, gen_s, n_gen)
         except Exception as e:  # noqa: BLE001 - report the batch size that failed (e.g. out of memory)
             print(f"{model_name} B={b:3d} FAILED ({impl}): {type(e).__name__}: {str(e)[:300]}", flush=True)
             continue
@@ -116,12 +122,17 @@ def main(argv=None):
     p.add_argument("--skip-forward", action="store_true",
                    help="time generation only (the forward pass returns [B, prompt, vocab] logits: "
                         "large at batch 64)")
+    p.add_argument("--skip-generate", action="store_true", help="time the forward pass only")
+    p.add_argument("--gen-iters", type=int, default=3,
+                   help="timed generation calls after the compiling one (median; run s7-14 saw the "
+                        "first timed call of a process 1.6x slower than the next)")
     args = p.parse_args(argv)
     if args.transform:
         rows = run_transform(args.model, [int(b) for b in args.batches.split(",")], args.prompt, args.iters)
     else:
         rows = run(args.model, [int(b) for b in args.batches.split(",")], args.prompt,
-                   args.new_tokens, args.iters, forward=not args.skip_forward)
+                   args.new_tokens, args.iters, forward=not args.skip_forward,
+                   generation=not args.skip_generate, gen_iters=args.gen_iters)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(device=jax.devices()[0].device_kind,
                                                    jax=jax.__version__, rows=rows), indent=1))
