@@ -29,7 +29,7 @@ whose last split may hold a cache area past its length, agrees with prefill also
 caches. (Until session 7 the guarded fold fixed the dot's result up before adding it to the
 accumulator, which at head dims 128/256 in bf16/f16 rounded differently from the plain fold: run
 s6-7 found decode with NaN/inf past the length 2-3 elements off prefill. ``_add_pv`` says why
-and how it was fixed; ``test_gpu_decode_equals_prefill_with_nan_past_length_head_dim_256``.)
+and how it was fixed; ``test_gpu_guarded_fold_equals_plain_fold_head_dims_128_256``.)
 (A valid key whose ``p`` underflowed to exactly 0 still propagates its NaN/inf.)
 
 Reduction order (the product; see also ``pallas_kernels/order.py``)

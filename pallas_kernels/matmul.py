@@ -130,7 +130,7 @@ def _k_loop(a_tile, b_tile, trips, shape, *, block_k, transpose_b, acc_dtype, pr
 
 
 def _row_mask(rows, row_block, block_m):
-    """``[block_m, 1]``: which rows of q-block ``row_block`` lie below ``rows`` (``None``: all)."""
+    """``[block_m, 1]``: which rows of row tile ``row_block`` lie below ``rows`` (``None``: all)."""
     if rows is None:
         return None
     return (row_block * block_m + jnp.arange(block_m, dtype=jnp.int32) < rows)[:, None]
