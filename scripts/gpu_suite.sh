@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark in one call; prints a short table last.
 #   bash scripts/gpu_suite.sh [TEST_PATHS...]     (default: the whole tests/ directory)
-# Env: BENCH="matmul,rows,attn,model" (what to benchmark; empty skips), BENCH_ARGS (extra flags).
+# Env: BENCH="matmul,rows,attn,model" (what to benchmark; empty skips), BENCH_ARGS (extra flags),
+#      DETJAX_SHARD=i/n (run every n-th test from the i-th: the suite in n calls; see tests/conftest.py).
 # Writes logs under $OUT (device tool) or ./.gpu_out.
 set -uo pipefail
 cd "$(dirname "$0")/.."

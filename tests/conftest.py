@@ -92,3 +92,22 @@ def plain_attention(q, k, v, *, kv_lengths, causal=True, sliding_window=None, lo
     valid = ((j >= lo[:, :, None]) & (j < hi[:, :, None]))[:, None]
     p = jax.nn.softmax(jnp.where(valid, logits, -jnp.inf), axis=-1)
     return jnp.einsum("bnts,bsnh->btnh", p, vv, precision="highest")
+
+
+def pytest_collection_modifyitems(config, items):
+    """``DETJAX_SHARD=i/n`` keeps every n-th collected test starting at the i-th (0-based), so a
+    GPU suite that exceeds one call's time limit can run in n calls (``scripts/gpu_suite.sh``)."""
+    shard = os.environ.get("DETJAX_SHARD")
+    if not shard:
+        return
+    try:
+        i, n = (int(x) for x in shard.split("/"))
+        if not 0 <= i < n:
+            raise ValueError
+    except ValueError:
+        raise pytest.UsageError(f"DETJAX_SHARD={shard!r}: expected 'i/n' with 0 <= i < n") from None
+    keep = [it for k, it in enumerate(items) if k % n == i]
+    dropped = [it for k, it in enumerate(items) if k % n != i]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+    items[:] = keep
