@@ -283,6 +283,23 @@ def test_non_finite_inputs_follow_ieee_within_the_row_interval(dtype):
     assert_bits_equal(outq, clean, "rows other than the NaN query")
 
 
+def test_opposite_infinities_in_different_blocks_give_nan():
+    """-inf at key 3 and +inf at key 70 of one value column: the first block's accumulator holds
+    -inf, the second block's guarded fold adds +inf to it (``_add_pv``: ``scaled + special``), and
+    IEEE gives NaN from query 70 on; queries 3..69 see only -inf. Other columns stay finite, and
+    decode equals prefill at lengths around both keys."""
+    q, k, v = qkv(830, 1, 80, 80, 2, 1, 64, jnp.bfloat16)
+    vb = v.at[0, 3, 0, 2].set(-jnp.inf).at[0, 70, 0, 2].set(jnp.inf)
+    out = np.asarray(attention(q, k, vb), np.float32)
+    assert np.all(out[0, 3:70, :, 2] == -np.inf)
+    assert np.all(np.isnan(out[0, 70:, :, 2]))
+    assert np.all(np.isfinite(np.delete(out[0], 2, axis=-1)))
+    full = np.asarray(attention(q, k, vb))
+    for length in (3, 4, 64, 65, 70, 71, 80):
+        dec = decode_attention(q[:, length - 1:length], k, vb, jnp.array([length]))
+        assert_bits_equal(dec[:, 0], full[:, length - 1], f"decode = prefill at length {length}")
+
+
 # ------------------------------------------------------------------------------------------------
 # Gradients
 
