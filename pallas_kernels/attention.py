@@ -26,10 +26,8 @@ even as ``0 * NaN`` inside the ``p @ v`` dot (``_split_state``: a split whose ac
 out non-finite is folded again with ``_add_pv``'s guarded dots, which zero the non-finite values
 and count them exactly per row; for finite values both folds give the same bits). So decode,
 whose last split may hold a cache area past its length, agrees with prefill also for non-finite
-caches. (Until session 7 the guarded fold fixed the dot's result up before adding it to the
-accumulator, which at head dims 128/256 in bf16/f16 rounded differently from the plain fold: run
-s6-7 found decode with NaN/inf past the length 2-3 elements off prefill. ``_add_pv`` says why
-and how it was fixed; ``test_gpu_guarded_fold_equals_plain_fold_head_dims_128_256``.)
+caches (``_add_pv`` says what keeps the two folds' bits equal, and how session 6's exception at
+head dims 128/256 was fixed; ``test_gpu_guarded_fold_equals_plain_fold_head_dims_128_256``).
 (A valid key whose ``p`` underflowed to exactly 0 still propagates its NaN/inf.)
 
 Reduction order (the product; see also ``pallas_kernels/order.py``)
