@@ -77,9 +77,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from detjax.generate import GenerationResult
 from detjax.ops._gather import embedding_lookup
 from detjax.generate import generate as _generate
-from detjax.models.gemma import scale_embedding
+from detjax.models.gemma import final_logits, scale_embedding
 from detjax.nn._impl import ops as _ops
-from detjax.nn._layers import _compute_dtype, _dt, apply_rope
+from detjax.nn._layers import _compute_dtype, _dt, geglu
 
 __all__ = ["DATA", "MODEL", "make_mesh", "shard_batch", "replicate", "tensor_parallel",
            "data_parallel", "ParallelTransformer", "forward", "generate", "ordered_sum",
@@ -362,8 +362,8 @@ class _Local:
         return self._row_parallel(attn.o_proj, o, axis=2), k_cache, v_cache
 
     def _mlp(self, mlp, x):
-        gelu = _ops(mlp.impl).isolated(lambda a: jax.nn.gelu(a, approximate=True), mlp.gate(x))
-        return self._row_parallel(mlp.down, gelu * mlp.up(x), axis=-1)   # as FeedForward
+        return self._row_parallel(mlp.down, geglu(mlp.gate(x), mlp.up(x), impl=mlp.impl),
+                                  axis=-1)   # as FeedForward
 
     def _finish(self, layer, x, a):
         if layer.post_attention_norm is not None:
@@ -842,10 +842,7 @@ class _LocalTrain(_Local):
         v = self._proj(attn.v_proj, x, 0, 2, r)
         if attn.q_norm is not None:
             q, k = self._head_norm(attn.q_norm, q), self._head_norm(attn.k_norm, k, r)
-        rope = dict(base=attn.rope_base, scale_factor=attn.rope_scale_factor, impl=attn.impl)
-        q, k = apply_rope(q, positions, **rope), apply_rope(k, positions, **rope)
-        q = q * jnp.asarray(attn.query_pre_attn_scalar ** -0.5, q.dtype)
-        return q, k, v
+        return (*attn.rope_qk(q, k, positions), v)
 
     def _attn(self, attn, x, positions, lengths):
         if self.m is None:
@@ -873,9 +870,8 @@ class _LocalTrain(_Local):
             return mlp(x)
         lin = _linear_f
         g = self._sharded(lin(mlp.gate), mlp.gate.kernel[...], x, 1, -1)
-        gelu = _ops(mlp.impl).isolated(lambda a: jax.nn.gelu(a, approximate=True), g)
         u = self._sharded(lin(mlp.up), mlp.up.kernel[...], x, 1, -1)
-        h = _gather_rep(gelu * u, self.m, -1)
+        h = _gather_rep(geglu(g, u, impl=mlp.impl), self.m, -1)
         y = self._sharded(lin(mlp.down), mlp.down.kernel[...], h, 1, -1)
         return _gather_rep(y, self.m, -1)
 
@@ -890,11 +886,8 @@ class _LocalTrain(_Local):
             x, _ = self._block(layer, x, positions, None)
         x = model.final_norm(x)
         emb = model.embedder
-        logits = self._sharded(_attend_f(emb), emb.embedding[...], x, 0, -1).astype(jnp.float32)
-        cap = self.cfg.final_logits_soft_cap
-        if cap is not None:
-            logits = _ops(model.impl).isolated(
-                lambda v: jnp.tanh(v * jnp.float32(1.0 / cap)) * jnp.float32(cap), logits)
+        logits = self._sharded(_attend_f(emb), emb.embedding[...], x, 0, -1)
+        logits = final_logits(logits, self.cfg.final_logits_soft_cap, model.impl)
         return _gather_rep(logits, self.m, -1)
 
     def block_loss(self, model, tokens):

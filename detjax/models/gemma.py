@@ -25,6 +25,18 @@ def scale_embedding(x, d_model: int, impl=None):
     return ops(impl).isolated(lambda v: v * s, x)
 
 
+def final_logits(logits, cap: float | None, impl=None):
+    """The unembedding's output as float32, soft-capped to ``cap * tanh(logits / cap)`` if ``cap``;
+    the cast and the cap are one isolated fusion (the logits are read once, in their dtype).
+    Multiplies by a host-computed reciprocal: a division by a constant may be rewritten differently
+    by XLA in different programs (prefill vs the decode loop)."""
+    if cap is None:
+        return logits.astype(jnp.float32)
+    return ops(impl).isolated(
+        lambda v: jnp.tanh(v.astype(jnp.float32) * jnp.float32(1.0 / cap)) * jnp.float32(cap),
+        logits)
+
+
 @dataclasses.dataclass(frozen=True)
 class GemmaConfig:
     """Architecture of a Gemma-style decoder.
@@ -242,14 +254,7 @@ class Transformer(nnx.Module):
 
     def _logits(self, x):
         x = self.final_norm(x)
-        logits = self.embedder.attend(x).astype(jnp.float32)
-        cap = self.config.final_logits_soft_cap
-        if cap is not None:
-            # multiply by a host-computed reciprocal: a division by a constant may be rewritten
-            # differently by XLA in different programs (prefill vs the decode loop).
-            logits = ops(self.impl).isolated(
-                lambda v: jnp.tanh(v * jnp.float32(1.0 / cap)) * jnp.float32(cap), logits)
-        return logits
+        return final_logits(self.embedder.attend(x), self.config.final_logits_soft_cap, self.impl)
 
     @staticmethod
     def _check_tokens(tokens, name="tokens"):

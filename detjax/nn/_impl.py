@@ -179,7 +179,8 @@ XLA = types.SimpleNamespace(
     log_softmax=lambda x, axis=-1, **kw: jax.nn.log_softmax(x, axis=axis),
     argmax=lambda x, axis=-1, keepdims=False, **kw: jnp.argmax(x, axis=axis, keepdims=keepdims),
     rms_norm=_x_rms_norm, attention=_x_attention, decode_attention=_x_decode_attention,
-    cumsum=lambda x, axis=-1: jnp.cumsum(x, axis=axis), isolated=lambda fn, *args: fn(*args),
+    cumsum=lambda x, axis=-1: jnp.cumsum(x, axis=axis),
+    isolated=lambda fn, *args, consts=(): fn(*args, *consts),
     head_projections=lambda x, ws, **kw: [jnp.einsum("...d,gdh->...gh", x, w, precision=_HI)
                                           for w in ws])
 

@@ -135,9 +135,16 @@ def _one_launch(impl, x, layers, get_weights):
     return o.head_projections(x.astype(dt), [w.astype(dt) for w in weights])
 
 
-def apply_rope(x, positions, *, base: float = 10_000.0, scale_factor: float = 1.0, impl=None):
+def apply_rope(x, positions, *, base: float = 10_000.0, scale_factor: float = 1.0, impl=None,
+               multiplier: float | None = None):
     """Rotary embedding (split-half convention, as Gemma) of ``x: [B, T, N, H]`` at integer
-    ``positions: [B, T]``; computed in float32 elementwise, returned in ``x``'s dtype."""
+    ``positions: [B, T]``; computed in float32 elementwise, returned in ``x``'s dtype, then
+    multiplied by ``multiplier`` (in ``x``'s dtype; Gemma's query pre-scaling) if given.
+
+    The rotation, the casts and the multiplier are one isolated fusion (forward and backward),
+    reading ``cos``/``sin`` as ``[B, T, 1, H/2]`` constants: ``a * c - b * s`` is a multiply-add
+    that XLA:GPU may or may not contract into an FMA depending on what else shares the fusion, so
+    what shares it is fixed here."""
     h = x.shape[-1]
     half = h // 2
     # Inverse frequencies are computed on the host (float64 -> float32 constants) so the angle is
@@ -147,14 +154,13 @@ def apply_rope(x, positions, *, base: float = 10_000.0, scale_factor: float = 1.
     angle = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B,T,half]
     angle = angle[:, :, None, :]
     sin, cos = ops(impl).isolated(lambda a: (jnp.sin(a), jnp.cos(a)), angle)
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    cos, sin = jnp.broadcast_to(cos, x1.shape), jnp.broadcast_to(sin, x1.shape)
-    # Each half in a fusion of its own (forward and backward): ``a * c - b * s`` is a multiply-add
-    # that XLA:GPU may or may not contract into an FMA depending on what else shares the fusion.
-    iso = ops(impl).isolated
-    y1 = iso(lambda a, b, c, s: a * c - b * s, x1, x2, cos, sin)
-    y2 = iso(lambda a, b, c, s: b * c + a * s, x1, x2, cos, sin)
-    return jnp.concatenate([y1, y2], axis=-1).astype(x.dtype)
+    dt = x.dtype
+
+    def rotate(v, c, s):
+        v1, v2 = jnp.split(v.astype(jnp.float32), 2, axis=-1)
+        y = jnp.concatenate([v1 * c - v2 * s, v2 * c + v1 * s], axis=-1).astype(dt)
+        return y if multiplier is None else y * jnp.asarray(multiplier, dt)
+    return ops(impl).isolated(rotate, x, consts=(cos, sin))
 
 
 class Attention(nnx.Module):
@@ -204,10 +210,14 @@ class Attention(nnx.Module):
         q, k, v = self._project(x)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        return (*self.rope_qk(q, k, positions), v)
+
+    def rope_qk(self, q, k, positions):
+        """RoPE of queries and keys; queries also pre-scaled by ``query_pre_attn_scalar ** -0.5``
+        (in the same fusion)."""
         rope = dict(base=self.rope_base, scale_factor=self.rope_scale_factor, impl=self.impl)
-        q, k = apply_rope(q, positions, **rope), apply_rope(k, positions, **rope)
-        q = q * jnp.asarray(self.query_pre_attn_scalar ** -0.5, q.dtype)
-        return q, k, v
+        return (apply_rope(q, positions, multiplier=self.query_pre_attn_scalar ** -0.5, **rope),
+                apply_rope(k, positions, **rope))
 
     def _opts(self):
         return dict(causal=True, sliding_window=self.sliding_window,
@@ -244,6 +254,11 @@ class Attention(nnx.Module):
         return o, k_cache, v_cache
 
 
+def geglu(g, u, *, impl=None):
+    """``gelu_tanh(g) * u`` in one isolated fusion (forward and backward)."""
+    return ops(impl).isolated(lambda a, b: jax.nn.gelu(a, approximate=True) * b, g, u)
+
+
 class FeedForward(nnx.Module):
     """GeGLU: ``W_down(gelu_tanh(x W_gate) * (x W_up))``."""
 
@@ -265,9 +280,7 @@ class FeedForward(nnx.Module):
         return tuple(m(x) for m in lin)
 
     def __call__(self, x):
-        g, u = self._gate_up(x)
-        gelu = ops(self.impl).isolated(lambda g: jax.nn.gelu(g, approximate=True), g)
-        return self.down(gelu * u)
+        return self.down(geglu(*self._gate_up(x), impl=self.impl))
 
 
 class Block(nnx.Module):

@@ -15,8 +15,8 @@ __all__ = ["isolated", "seal_bwd"]
 CPU_PAD = 16
 
 
-def isolated(fn, *args):
-    """Evaluate the elementwise ``fn(*args)`` in an XLA fusion of its own.
+def isolated(fn, *args, consts=()):
+    """Evaluate the elementwise ``fn(*args, *consts)`` in an XLA fusion of its own.
 
     XLA fuses elementwise code with its neighbours, and on the H100 a transcendental op (``tanh``
     between two detjax kernels) was measured to give different bits for a row alone and inside a
@@ -33,16 +33,22 @@ def isolated(fn, *args):
     reshapes are linear). With arguments of one shape and float dtypes the backward pass is
     isolated the same way (``custom_vjp``): the derivative's elementwise code gets its own fusion
     too. Forward-mode autodiff then is not available, as for the other ops.
+
+    ``consts``: further arrays ``fn`` reads as constants (``stop_gradient``: their cotangent is
+    zero), of any shape that broadcasts against the arguments, e.g. RoPE's ``cos``/``sin`` of shape
+    ``[B, T, 1, H/2]`` for ``x: [B, T, N, H]``: they enter the fusion as they are, so a broadcast
+    is never written to memory. They do not count for the one-shape rule of the isolated backward.
     """
     if not callable(fn):
         raise TypeError(f"isolated: fn must be a callable (e.g. jnp.tanh), got {type(fn).__name__}")
     if not args:
         raise TypeError("isolated: give fn's array arguments after fn, e.g. isolated(jnp.tanh, x)")
     arrs = [jnp.asarray(a) for a in args]
+    consts = tuple(lax.stop_gradient(jnp.asarray(c)) for c in consts)
     if (len({a.shape for a in arrs}) == 1
             and all(jnp.issubdtype(a.dtype, jnp.floating) for a in arrs)):
-        return _isolated_vjp(fn, *arrs)
-    return _isolated_eval(fn, args)
+        return _isolated_vjp(fn, len(consts), *arrs, *consts)
+    return _isolated_eval(fn, tuple(args) + consts)
 
 
 def _isolated_eval(fn, args):
@@ -54,13 +60,14 @@ def _isolated_eval(fn, args):
     return lax.optimization_barrier(fn(*args))
 
 
-def _isolated_vjp(fn, *args):
+def _isolated_vjp(fn, nconsts, *args):
     """``isolated`` whose backward is isolated too. Autodiff would otherwise leave the derivative's
     elementwise code (``gelu'``, ``1 - tanh^2``, the rotation of RoPE) to XLA's fusion with its
     neighbours, and XLA:GPU contracts a multiply and an add that share a fusion into one FMA, so
     the bits could depend on the surrounding program (one device vs a tensor-parallel shard).
-    Each argument's cotangent is evaluated by ``_isolated_eval`` (barriers, CPU padding)."""
-    n = len(args)
+    Each argument's cotangent is evaluated by ``_isolated_eval`` (barriers, CPU padding). The last
+    ``nconsts`` arguments are constants: their cotangent is zero."""
+    n = len(args) - nconsts
 
     @jax.custom_vjp
     def run(*a):
@@ -74,10 +81,12 @@ def _isolated_vjp(fn, *args):
 
         def cot(i):
             def f(*ag):
-                _, pull = jax.vjp(fn, *ag[:n])
-                return pull(jax.tree.unflatten(tree, list(ag[n:])))[i]
+                c = ag[n:n + nconsts]
+                _, pull = jax.vjp(lambda *x: fn(*x, *c), *ag[:n])
+                return pull(jax.tree.unflatten(tree, list(ag[n + nconsts:])))[i]
             return _isolated_eval(f, tuple(a) + tuple(leaves))
-        return tuple(cot(i) for i in range(n))
+        return (tuple(cot(i) for i in range(n))
+                + tuple(jnp.zeros_like(c) for c in a[n:]))
 
     run.defvjp(run_fwd, run_bwd)
     return run(*args)
