@@ -24,10 +24,11 @@ Reduction order (the product; see also ``pallas_kernels/order.py``)
 
 Rows of ``a`` never interact: row ``m`` of the output depends only on row ``m`` of ``a`` and on ``b``,
 computed by the same instruction sequence whatever the row's position in its tile, so
-``f(x)[i] == f(x[i:i+1])[0]`` bitwise. ``M`` is not padded: when the last row tile of a launch
-overhangs ``M`` its missing rows are loaded as zeros (a masked load on the GPU) and not stored, so
-the tile holds the values zero padding would give, and a decode step (``M`` = batch) does not copy
-its activations and outputs around every matmul. On the H100 (session 7, runs s7-12/s7-13) the
+``f(x)[i] == f(x[i:i+1])[0]`` bitwise. ``M`` and ``N`` are not padded: when the last row (column)
+tile of a launch overhangs ``M`` (``N``) its missing rows of ``a`` (columns of ``b``) are loaded as
+zeros (a masked load on the GPU) and not stored, so the tile holds the values zero padding would
+give, and a decode step (``M`` = batch) or the unembedding (``N`` = vocabulary) does not copy its
+operands and outputs around every matmul. On the H100 (session 7, runs s7-12/s7-13) the
 output hashes and the GPU batch-invariance, configuration and grouped-kernel tests gave the same
 bits as before; one gemma2_2b decode step at batch 8 went from 3.97 to 3.74 ms.
 
@@ -136,11 +137,24 @@ def _row_mask(rows, row_block, block_m):
     return (row_block * block_m + jnp.arange(block_m, dtype=jnp.int32) < rows)[:, None]
 
 
+def _col_mask(cols, col_block, block_n):
+    """``[1, block_n]``: which columns of column tile ``col_block`` lie below ``cols`` (``None``:
+    all)."""
+    if cols is None:
+        return None
+    return (col_block * block_n + jnp.arange(block_n, dtype=jnp.int32) < cols)[None, :]
+
+
+def _and(m1, m2):
+    return m2 if m1 is None else m1 if m2 is None else m1 & m2
+
+
 def _masked_rows(ref, mask, gpu):
-    """``ref[...]`` with the rows outside ``mask`` read as 0 (a launch's last row tile may overhang
-    ``M``: the operand is not padded, see ``matmul_kernel_call``). On the GPU a masked load, which
-    never touches memory past the array; in interpret mode (where Pallas pads an overhanging block
-    with its own fill value) a select."""
+    """``ref[...]`` with the elements outside ``mask`` (broadcast to the block: rows, or columns)
+    read as 0 (a launch's last row or column tile may overhang ``M`` or ``N``: the operands are not
+    padded, see ``matmul_kernel_call``). On the GPU a masked load, which never touches memory past
+    the array; in interpret mode (where Pallas pads an overhanging block with its own fill value) a
+    select."""
     if mask is None:
         return ref[...]
     if gpu:
@@ -150,8 +164,8 @@ def _masked_rows(ref, mask, gpu):
 
 
 def _store_rows(ref, value, mask, gpu):
-    """Store the rows inside ``mask`` (on the GPU a masked store; interpret mode drops the rows of
-    an overhanging block itself)."""
+    """Store the elements inside ``mask`` (rows and/or columns; on the GPU a masked store;
+    interpret mode drops the part of an overhanging block itself)."""
     if mask is None or not gpu:
         ref[...] = value
         return
@@ -160,18 +174,24 @@ def _store_rows(ref, value, mask, gpu):
 
 
 def _matmul_kernel(a_ref, b_ref, *refs, k_tiles, block_k, transpose_b, acc_dtype, precision,
-                   aliased=False, rows=None, row_offset=0, gpu=True):
-    """``rows``: the valid rows of ``a`` when the last row tile overhangs them (masked loads and
-    stores, rows past ``M`` read as 0: the same tile values as zero padding)."""
+                   aliased=False, rows=None, row_offset=0, cols=None, gpu=True):
+    """``rows``/``cols``: the valid rows of ``a`` / columns of the output when the last row /
+    column tile overhangs them (masked loads and stores; rows of ``a`` and columns of ``b`` past
+    the array are read as 0: the same tile values as zero padding)."""
     o_ref = refs[-1]   # (with ``aliased`` the previous launch's output comes first, never read)
-    bm = a_ref.shape[-2]
+    bm, bn = a_ref.shape[-2], o_ref.shape[-1]
     mask = _row_mask(rows, pl.program_id(1) + row_offset, bm)
-    b_tile = (lambda ks: b_ref[0, :, ks]) if transpose_b else (lambda ks: b_ref[0, ks, :])
+    cmask = _col_mask(cols, pl.program_id(2), bn)
+    if transpose_b:   # b tile [bn, bk]: its rows are the output's columns
+        bmask = None if cmask is None else cmask.reshape(bn, 1)
+        b_tile = lambda ks: _masked_rows(b_ref.at[0, :, ks], bmask, gpu)
+    else:             # b tile [bk, bn]
+        b_tile = lambda ks: _masked_rows(b_ref.at[0, ks, :], cmask, gpu)
     acc = _k_loop(lambda ks: _masked_rows(a_ref.at[0, :, ks], mask, gpu), b_tile,
                   _backend.opaque_trip_count(k_tiles),
-                  (bm, o_ref.shape[-1]), block_k=block_k, transpose_b=transpose_b,
+                  (bm, bn), block_k=block_k, transpose_b=transpose_b,
                   acc_dtype=acc_dtype, precision=precision)
-    _store_rows(o_ref.at[0], acc.astype(o_ref.dtype), mask, gpu)
+    _store_rows(o_ref.at[0], acc.astype(o_ref.dtype), _and(mask, cmask), gpu)
 
 
 # Wave quantisation: a grid of T tiles on S SMs runs ceil(T / S) waves; for the 2B down projection
@@ -258,6 +278,8 @@ def matmul_kernel_call(a, b, *, transpose_b=False, out_dtype=None, precision="hi
     N = b.shape[1] if transpose_b else b.shape[2]
     out_dtype = jnp.dtype(out_dtype or a.dtype)
     acc_dtype = jnp.float64 if a.dtype == jnp.float64 else jnp.float32
+    if 0 in (B, M, N):
+        return jnp.zeros((B, M, N), out_dtype)
     if be == "gpu":
         auto = config is None and split_rows is None
         cfg = config or gpu_config_for(M, N, K)
@@ -276,20 +298,18 @@ def matmul_kernel_call(a, b, *, transpose_b=False, out_dtype=None, precision="hi
         if r0 % c.block_m or (r1 != M and r1 % c.block_m) or not 0 <= r0 < r1 <= M:
             raise ValueError(f"split_rows={split_rows} must lie in (0, {M}) and be a multiple of "
                              f"block_m ({cfg.block_m}, {tail.block_m})")
-    # N and K are padded to every tile (padded K adds exact zeros, padded columns are sliced off).
-    # M is not padded: a launch whose last row tile overhangs M loads the missing rows as 0 and
-    # never stores them (``_matmul_kernel``'s ``rows``), the tile values of zero padding, without
-    # a copy of ``a`` and of the output per call (decode: M = batch).
-    bn_all = max(c.block_n for c, _, _ in launches)
+    # K is padded to the K tile (padded K adds exact zeros; the GPU tile divides K rounded up to
+    # 64, so only a K that is not a multiple of 64 is copied). M and N are not padded: a launch
+    # whose last row (column) tile overhangs M (N) loads the missing rows of ``a`` (columns of
+    # ``b``) as 0 and never stores them (``_matmul_kernel``'s ``rows``/``cols``), the tile values of
+    # zero padding, without a copy of the operands and the output per call (decode: M = batch;
+    # the unembedding: N = a vocabulary that is no multiple of the tile).
     bk_all = max(c.block_k for c, _, _ in launches)
-    Np, Kp = round_up(max(N, 1), bn_all), round_up(max(K, 1), bk_all)
+    Kp = round_up(max(K, 1), bk_all)
     if Kp != K:
         a = jnp.pad(a, ((0, 0), (0, 0), (0, Kp - K)))
-    if transpose_b:
-        if (Np, Kp) != (N, K):
-            b = jnp.pad(b, ((0, 0), (0, Np - N), (0, Kp - K)))
-    elif (Kp, Np) != (K, N):
-        b = jnp.pad(b, ((0, 0), (0, Kp - K), (0, Np - N)))
+        b = jnp.pad(b, ((0, 0), (0, 0), (0, Kp - K)) if transpose_b
+                    else ((0, 0), (0, Kp - K), (0, 0)))
     b_index_batch = b.shape[0] != 1 or B == 1
     out = None
     for c, r0, r1 in launches:
@@ -306,7 +326,8 @@ def matmul_kernel_call(a, b, *, transpose_b=False, out_dtype=None, precision="hi
         kernel = functools.partial(_matmul_kernel, k_tiles=Kp // bk, block_k=bk,
                                    transpose_b=transpose_b, acc_dtype=acc_dtype,
                                    precision=_dot_precision(a.dtype, precision), aliased=out is not None,
-                                   rows=M if ragged else None, row_offset=off, gpu=be == "gpu")
+                                   rows=M if ragged else None, row_offset=off,
+                                   cols=N if N % bn else None, gpu=be == "gpu")
         compiler_params = None
         if be == "gpu":
             from jax.experimental.pallas import triton as pltriton
@@ -319,17 +340,15 @@ def matmul_kernel_call(a, b, *, transpose_b=False, out_dtype=None, precision="hi
             args = (a, b, out)
         out = pl.pallas_call(
             kernel,
-            grid=(B, row_tiles, Np // bn),
+            grid=(B, row_tiles, -(-N // bn)),
             in_specs=in_specs,
             out_specs=out_spec,
-            out_shape=jax.ShapeDtypeStruct((B, M, Np), out_dtype),
+            out_shape=jax.ShapeDtypeStruct((B, M, N), out_dtype),
             input_output_aliases={2: 0} if len(args) == 3 else {},
             interpret=_backend.interpret_arg(be),
             compiler_params=compiler_params,
             name="detjax_matmul",
         )(*args)
-    if Np != N:
-        out = out[:, :, :N]
     return out
 
 
