@@ -80,17 +80,32 @@ GPU_CONFIGS = {
     "large": TileConfig(128, 128, 64, 8, 3),
     "large_wide": TileConfig(128, 256, 64, 8, 3),
     "large_deep": TileConfig(128, 128, 64, 4, 4),
+    # float32 at precision 'highest' is a chain of IEEE FMAs on the CUDA cores, not a tensor-core
+    # MMA, and wants shallower K tiles. On the H100 (results/2026-11-23-h100/s8_5_sweep_f32.txt,
+    # s8_6_sweep_f32_small.txt) the bf16 tiles above ran f32 at M >= 1024 at 2.3-4.9 TFLOP/s and
+    # "fma" at 40-46 (XLA's HIGHEST: 49-52); at M <= 128 "fma_small" was the best or within 10%
+    # of it when it makes at least a wave of programs, else the deep "small_deep" tile was. Same bits.
+    "fma": TileConfig(64, 128, 32, 4, 3),
+    "fma_small": TileConfig(16, 64, 64, 4, 3),
 }
 
 
-def gpu_config_for(m: int, n: int, k: int | None = None) -> TileConfig:
+def gpu_config_for(m: int, n: int, k: int | None = None, *, fma: bool = False,
+                   sms: int = 132) -> TileConfig:
     """The GPU tile for an ``[m, k] x [k, n]`` product (every choice gives the same bits).
 
     Chosen from the H100 sweeps (results/2026-11-22-h100/run4_matmul_sweep.json, s2_sweep.txt,
-    s2_sweep2.txt). With ``k`` given, ``block_k`` is lowered until it divides ``k`` rounded up to 64,
-    so that the weight is never padded (copied) on each call just to fit the pipeline tile.
+    s2_sweep2.txt; ``fma``, float32 inputs at precision 'highest': s8_5_sweep_f32.txt). With ``k``
+    given, ``block_k`` is lowered until it divides ``k`` rounded up to 64, so that the weight is
+    never padded (copied) on each call just to fit the pipeline tile.
     """
-    if m <= 16:
+    if fma:   # float32 at 'highest'; ``sms``: a wave of programs (the H100's 132 SMs)
+        if m > 128:
+            cfg = GPU_CONFIGS["fma"]
+        else:
+            wave = -(-m // 16) * -(-n // GPU_CONFIGS["fma_small"].block_n) >= sms
+            cfg = GPU_CONFIGS["fma_small" if wave else "small_deep"]
+    elif m <= 16:
         cfg = GPU_CONFIGS["small_wide" if n >= 8192 else "small_deep"]
     elif m <= 128:
         cfg = GPU_CONFIGS["medium_deep"]
@@ -103,8 +118,13 @@ def gpu_config_for(m: int, n: int, k: int | None = None) -> TileConfig:
         bk = cfg.block_k
         while k64 % bk:
             bk //= 2
-        cfg = dataclasses.replace(cfg, block_k=max(bk, MATMUL_BLOCK_K))
+        cfg = dataclasses.replace(cfg, block_k=max(bk, min(cfg.block_k, MATMUL_BLOCK_K)))
     return cfg
+
+
+def uses_fma(dtype, precision: str) -> bool:
+    """Whether the GPU product is an FMA chain (float32 at 'highest') rather than a tensor-core MMA."""
+    return jnp.dtype(dtype) == jnp.float32 and precision != "tf32"
 
 
 def _dot_precision(dtype, precision: str):
@@ -282,7 +302,7 @@ def matmul_kernel_call(a, b, *, transpose_b=False, out_dtype=None, precision="hi
         return jnp.zeros((B, M, N), out_dtype)
     if be == "gpu":
         auto = config is None and split_rows is None
-        cfg = config or gpu_config_for(M, N, K)
+        cfg = config or gpu_config_for(M, N, K, fma=uses_fma(a.dtype, precision))
         if auto:
             split_rows = gpu_split_rows(B, M, N, cfg)
         tail = tail_config or TAIL_CONFIG
@@ -445,7 +465,8 @@ def grouped_matmul_call(a, weights, *, out_dtype=None, precision="highest", back
     n_total = sum(w.shape[0] * w.shape[2] for w in weights)
     cfg = None
     if be == "gpu" or _interpret_kernel:
-        cfg = config or (gpu_config_for(M, n_total, K) if be == "gpu"
+        cfg = config or (gpu_config_for(M, n_total, K, fma=uses_fma(a.dtype, precision))
+                         if be == "gpu"
                          else TileConfig(INTERPRET_BLOCK_M, INTERPRET_BLOCK_N))
         bn = grouped_block_n(hs, cfg.block_n)
         cfg = None if bn is None else fit_shared_memory(dataclasses.replace(cfg, block_n=bn),

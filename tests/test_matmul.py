@@ -217,6 +217,21 @@ def test_split_plan_targets_wave_quantisation():
     assert mm.gpu_split_rows(2, 4096, 2304, lw, sms=132) is None      # batched: one launch
 
 
+def test_float32_highest_uses_fma_tiles():
+    """f32 at 'highest' (an FMA chain on the GPU) gets 32-deep K tiles (s8-5: 12x faster than the
+    tensor-core tiles, same bits: test_gpu_configs_bitwise_identical runs every GPU_CONFIGS entry);
+    bf16/f16 and TF32 keep theirs; block_k is only ever lowered."""
+    assert mm.uses_fma(jnp.float32, "highest") and not mm.uses_fma(jnp.float32, "tf32")
+    assert not mm.uses_fma(jnp.bfloat16, "highest")
+    assert mm.gpu_config_for(4096, 4096, 4096, fma=True) == mm.GPU_CONFIGS["fma"]
+    assert mm.gpu_config_for(8, 9216, 2304, fma=True) == mm.GPU_CONFIGS["fma_small"]
+    assert mm.gpu_config_for(8, 2304, 9216, fma=True) == mm.GPU_CONFIGS["small_deep"]   # < a wave
+    assert mm.gpu_config_for(4096, 4096, 100, fma=True).block_k == 32
+    assert mm.gpu_config_for(64, 4096, 2304, fma=True) == mm.GPU_CONFIGS["fma_small"]
+    assert mm.gpu_config_for(4096, 4096, 4096).block_k == 64
+    assert mm.gpu_config_for(8, 2304, 2304).block_k == 256
+
+
 def test_gpu_tiles_fit_shared_memory_for_every_dtype():
     """A tile tuned for bf16 is shrunk (stages, then K tile) to fit f32 inputs' shared memory."""
     for name, cfg in list(mm.GPU_CONFIGS.items()) + [("tail", mm.TAIL_CONFIG)]:
