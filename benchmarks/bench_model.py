@@ -45,8 +45,9 @@ def forward_fn(model):
     return fwd, state
 
 
-def run(model_name, batches, prompt, new_tokens, iters, forward=True, generation=True, gen_iters=3):
-    config = getattr(GemmaConfig, model_name)()
+def run(model_name, batches, prompt, new_tokens, iters, forward=True, generation=True, gen_iters=3,
+        upcast=False):
+    config = getattr(GemmaConfig, model_name)(upcast_activations_to_float32=upcast)
     rows = []
     models = {impl: Transformer(config, rngs=nnx.Rngs(0), impl=impl) for impl in ("xla", "detjax")}
     rng = np.random.default_rng(0)
@@ -76,7 +77,7 @@ def run(model_name, batches, prompt, new_tokens, iters, forward=True, generation
             print(f"{model_name} B={b:3d} FAILED ({impl}): {type(e).__name__}: {str(e)[:300]}", flush=True)
             continue
         (fx, gx, nx), (fd, gd, nd) = res["xla"], res["detjax"]
-        rows.append(dict(model=model_name, batch=b, prompt=prompt, new_tokens=new_tokens,
+        rows.append(dict(model=model_name, upcast=upcast, batch=b, prompt=prompt, new_tokens=new_tokens,
                          fwd_xla_ms=fx, fwd_detjax_ms=fd, fwd_ratio=fx / fd,
                          fwd_tok_s_detjax=b * prompt / fd * 1e3,
                          gen_xla_s=gx, gen_detjax_s=gd, gen_ratio=gx / gd,
@@ -88,9 +89,9 @@ def run(model_name, batches, prompt, new_tokens, iters, forward=True, generation
     return rows
 
 
-def run_transform(model_name, batches, prompt, iters):
+def run_transform(model_name, batches, prompt, iters, upcast=False):
     from detjax.transform import deterministic
-    config = getattr(GemmaConfig, model_name)()
+    config = getattr(GemmaConfig, model_name)(upcast_activations_to_float32=upcast)
     rows = []
     fx, sx = forward_fn(Transformer(config, rngs=nnx.Rngs(0), impl="xla"))
     fd, sd = forward_fn(Transformer(config, rngs=nnx.Rngs(0), impl="detjax"))
@@ -101,7 +102,7 @@ def run_transform(model_name, batches, prompt, iters):
         t_x = device_ms(fx, sx, tokens, iters=iters)
         t_t = device_ms(ft, sx, tokens, iters=iters)
         t_d = device_ms(fd, sd, tokens, iters=iters)
-        rows.append(dict(model=model_name, batch=b, prompt=prompt, fwd_xla_ms=t_x,
+        rows.append(dict(model=model_name, upcast=upcast, batch=b, prompt=prompt, fwd_xla_ms=t_x,
                          fwd_transform_ms=t_t, fwd_nn_ms=t_d, transform_vs_nn=t_t / t_d,
                          xla_over_transform=t_x / t_t))
         print(f"{model_name} B={b:3d} forward xla {t_x:8.2f} ms  deterministic(xla model) {t_t:8.2f} ms  "
@@ -123,16 +124,19 @@ def main(argv=None):
                    help="time generation only (the forward pass returns [B, prompt, vocab] logits: "
                         "large at batch 64)")
     p.add_argument("--skip-generate", action="store_true", help="time the forward pass only")
+    p.add_argument("--upcast", action="store_true",
+                   help="upcast_activations_to_float32=True (bf16 weights, float32 activations)")
     p.add_argument("--gen-iters", type=int, default=3,
                    help="timed generation calls after the compiling one (median; run s7-14 saw the "
                         "first timed call of a process 1.6x slower than the next)")
     args = p.parse_args(argv)
     if args.transform:
-        rows = run_transform(args.model, [int(b) for b in args.batches.split(",")], args.prompt, args.iters)
+        rows = run_transform(args.model, [int(b) for b in args.batches.split(",")], args.prompt, args.iters,
+                             upcast=args.upcast)
     else:
         rows = run(args.model, [int(b) for b in args.batches.split(",")], args.prompt,
                    args.new_tokens, args.iters, forward=not args.skip_forward,
-                   generation=not args.skip_generate, gen_iters=args.gen_iters)
+                   generation=not args.skip_generate, gen_iters=args.gen_iters, upcast=args.upcast)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(device=jax.devices()[0].device_kind,
                                                    jax=jax.__version__, rows=rows), indent=1))
