@@ -27,10 +27,11 @@ def acc_dtype_for(dtype):
     return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
 
 
-def call_row_kernel(kernel, x, *, name, out_dtype, elementwise, backend, shared=()):
-    """Run ``kernel(x_row_ref, *shared_refs, o_ref)`` once per row of ``x: [R, N]``.
+def call_row_kernel(kernel, x, *, name, out_dtype, elementwise, backend, shared=(), rows=()):
+    """Run ``kernel(x_row_ref, *shared_refs, *row_refs, o_ref)`` once per row of ``x: [R, N]``.
 
     ``shared``: 1-D ``[N]`` inputs given whole to every program (e.g. RMSNorm's scale).
+    ``rows``: further ``[R, N]`` inputs, one row per program like ``x`` (e.g. a residual).
     Returns ``[R, N]`` when ``elementwise`` else ``[R]`` (the kernel writes a ``[1]`` output).
     ``backend`` must be a resolved GPU or interpret backend.
     """
@@ -41,6 +42,7 @@ def call_row_kernel(kernel, x, *, name, out_dtype, elementwise, backend, shared=
     if Ns != N:
         x = jnp.pad(x, ((0, 0), (0, Ns - N)))
         shared = tuple(jnp.pad(s, (0, Ns - N)) for s in shared)
+        rows = tuple(jnp.pad(r, ((0, 0), (0, Ns - N))) for r in rows)
     row_spec = pl.BlockSpec((None, Ns), lambda r: (r, 0))
     if elementwise:
         out_shape, out_spec = jax.ShapeDtypeStruct((R, Ns), out_dtype), row_spec
@@ -54,13 +56,14 @@ def call_row_kernel(kernel, x, *, name, out_dtype, elementwise, backend, shared=
     out = pl.pallas_call(
         kernel,
         grid=(R,),
-        in_specs=[row_spec] + [pl.BlockSpec((Ns,), lambda r: (0,)) for _ in shared],
+        in_specs=[row_spec] + [pl.BlockSpec((Ns,), lambda r: (0,)) for _ in shared]
+        + [row_spec for _ in rows],
         out_specs=out_spec,
         out_shape=out_shape,
         interpret=_backend.interpret_arg(backend),
         compiler_params=compiler_params,
         name=name,
-    )(x, *shared)
+    )(x, *shared, *rows)
     if elementwise:
         return out[:, :N] if Ns != N else out
     return out[:, 0]

@@ -25,7 +25,10 @@ Derived kernels use only these reductions plus elementwise float32 math:
 when it is not finite, like ``jax.nn.logsumexp``; softmax and log_softmax use the raw max, so a row
 holding +inf gives NaN, like ``jax.nn.softmax``); ``softmax = exp(x - m) * (1 / s)``;
 ``log_softmax = (x - m) - log(s)``; ``rms_norm = x * rsqrt(sum(x^2) / N + eps) * (offset + scale)``.
-Results are rounded once to the output dtype.
+Results are rounded once to the output dtype. RMSNorm with a ``residual`` (the pre-norm block's
+``x + norm(a)``; bf16/f16 only, see ``row_reduce``) then adds the residual in float32 and rounds
+again: bitwise ``residual + y`` in the output dtype (the sum of two bf16/f16 values is exact in
+float32, so there is no double rounding).
 
 ``*_reference`` functions restate the same semantics in plain JAX (on CPU they reproduce the
 interpret-mode bits).
@@ -122,9 +125,12 @@ def _safe_max(m):
     return jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
 
 
-def _row_kernel(*refs, op, n, eps, offset, acc_dtype, resident, unroll=1):
+def _row_kernel(*refs, op, n, eps, offset, acc_dtype, resident, unroll=1, residual=False):
     from jax.experimental.pallas import triton as plgpu
-    if op == "rms_norm":
+    r_ref = None
+    if op == "rms_norm" and residual:
+        x_ref, w_ref, r_ref, o_ref = refs
+    elif op == "rms_norm":
         x_ref, w_ref, o_ref = refs
     else:
         x_ref, o_ref = refs
@@ -151,8 +157,11 @@ def _row_kernel(*refs, op, n, eps, offset, acc_dtype, resident, unroll=1):
         def write_rms(chunk):
             v, idx, mask = chunk
             w = plgpu.load(w_ref.at[idx], mask=mask, other=0)
-            y = (v.astype(acc_dtype) * r) * (offset + w.astype(acc_dtype))
-            plgpu.store(o_ref.at[idx], y.astype(o_ref.dtype), mask=mask)
+            y = ((v.astype(acc_dtype) * r) * (offset + w.astype(acc_dtype))).astype(o_ref.dtype)
+            if r_ref is not None:
+                res = plgpu.load(r_ref.at[idx], mask=mask, other=0)
+                y = (res.astype(acc_dtype) + y.astype(acc_dtype)).astype(o_ref.dtype)
+            plgpu.store(o_ref.at[idx], y, mask=mask)
         for_each_chunk(write_rms)
         return
 
@@ -175,11 +184,15 @@ def _row_kernel(*refs, op, n, eps, offset, acc_dtype, resident, unroll=1):
 
 
 def row_reduce(x, op: str, *, weight=None, eps: float = 1e-6, offset: float = 1.0,
-               out_dtype=None, backend=None, resident=None):
+               out_dtype=None, backend=None, resident=None, residual=None):
     """Run a fixed-order row kernel on ``x: [R, N]``.
 
     ``op`` in ``OPS``. ``sum``/``mean``/``max``/``logsumexp`` return ``[R]``; ``softmax``/``log_softmax``/
-    ``rms_norm`` return ``[R, N]``. ``weight`` (``[N]``) is RMSNorm's scale. ``out_dtype`` defaults to
+    ``rms_norm`` return ``[R, N]``. ``weight`` (``[N]``) is RMSNorm's scale; ``residual`` (``[R, N]``,
+    ``rms_norm`` only, of the output dtype, which must be bf16 or f16) is added to its rounded
+    result in the kernel. (Not for float32: there the norm's last multiply and the add could be
+    contracted into one FMA, which ``residual + y`` outside the kernel never is; ``detjax.ops``
+    adds a float32 residual outside.) ``out_dtype`` defaults to
     ``x.dtype``. Inputs must already be validated by ``detjax.ops``. ``resident``: GPU only, keep
     the row in registers (default: when it has at most ``RESIDENT_MAX_CHUNKS`` chunks); the bits
     are the same either way.
@@ -189,19 +202,34 @@ def row_reduce(x, op: str, *, weight=None, eps: float = 1e-6, offset: float = 1.
     be = _backend.resolve(backend)
     if be in ("tpu", "tpu-interpret"):  # Mosaic TPU lowering, its own documented order
         from pallas_kernels import tpu
-        return tpu.row_reduce(x, op, weight=weight, eps=eps, offset=offset, out_dtype=out_dtype,
-                              backend=be)
+        y = tpu.row_reduce(x, op, weight=weight, eps=eps, offset=offset, out_dtype=out_dtype,
+                           backend=be)
+        return y if residual is None else _add_residual(residual, y)
     out_dtype = jnp.dtype(out_dtype or x.dtype)
+    if residual is not None and (op != "rms_norm" or out_dtype.itemsize != 2
+                                 or residual.dtype != out_dtype):
+        raise ValueError(f"row_reduce: a residual is for rms_norm with a bf16/f16 output of its "
+                         f"dtype; got op={op!r}, output {out_dtype}, residual {residual.dtype}")
     if be != "gpu":
         resident = False
     elif resident is None:
         resident = pl.cdiv(x.shape[1], REDUCE_CHUNK) <= RESIDENT_MAX_CHUNKS
     kernel = functools.partial(_row_kernel, op=op, n=x.shape[1], eps=eps, offset=offset,
                                acc_dtype=acc_dtype_for(x.dtype), resident=bool(resident),
-                               unroll=LOOP_UNROLL if be == "gpu" else 1)
+                               unroll=LOOP_UNROLL if be == "gpu" else 1,
+                               residual=residual is not None)
     return call_row_kernel(kernel, x, name=f"detjax_row_{op}", out_dtype=out_dtype,
                            elementwise=op in ("softmax", "log_softmax", "rms_norm"), backend=be,
-                           shared=(weight,) if op == "rms_norm" else ())
+                           shared=(weight,) if op == "rms_norm" else (),
+                           rows=() if residual is None else (residual,))
+
+
+def _add_residual(residual, y):
+    """``residual + y`` as the fused kernel computes it (float32 add, one rounding); ``y`` is
+    materialised first, so its last multiply is never contracted with the add."""
+    acc = acc_dtype_for(y.dtype)
+    y = lax.optimization_barrier(y)
+    return (residual.astype(acc) + y.astype(acc)).astype(y.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,7 +254,8 @@ def _ref_max(x):
     return jnp.max(_lanes(x, -jnp.inf), axis=(1, 2))
 
 
-def row_reduce_reference(x, op, *, weight=None, eps=1e-6, offset=1.0, out_dtype=None):
+def row_reduce_reference(x, op, *, weight=None, eps=1e-6, offset=1.0, out_dtype=None,
+                         residual=None):
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     xf = x.astype(acc_dtype_for(x.dtype))
     if op == "sum":
@@ -239,7 +268,8 @@ def row_reduce_reference(x, op, *, weight=None, eps=1e-6, offset=1.0, out_dtype=
     if op == "rms_norm":
         n = x.shape[1]
         r = lax.map(lambda ss: lax.rsqrt(ss / n + eps), _ref_sum(xf * xf))  # scalar, as in the kernel
-        return ((xf * r[:, None]) * (offset + weight.astype(xf.dtype))).astype(out_dtype)
+        y = ((xf * r[:, None]) * (offset + weight.astype(xf.dtype))).astype(out_dtype)
+        return y if residual is None else _add_residual(residual, y)
     m = _ref_max(xf)[:, None]
     if op == "logsumexp":
         m = _safe_max(m)

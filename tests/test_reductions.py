@@ -59,6 +59,30 @@ def test_rms_norm_invariance_and_accuracy(rng, dtype):
     np.testing.assert_allclose(np.asarray(out0, np.float32), rms_ref(x, s, 1e-3, 0.0), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_rms_norm_with_residual_is_bitwise_residual_plus_norm(rng, dtype):
+    """``rms_norm(x, s, residual=r)`` (one kernel) has the bits of ``r + rms_norm(x, s)`` (the
+    model's unfused code, and on the CPU the plain-JAX reference, which reproduces interpret-mode
+    bits only), rows stay batch-invariant, and its gradients equal the unfused ones bitwise (the
+    residual's cotangent is g)."""
+    x, s = randn(rng, (5, 3, 1100), dtype), randn(rng, (1100,), dtype, 0.1)
+    r = randn(rng, (5, 3, 1100), dtype, 4.0)
+    fused = ops.rms_norm(x, s, residual=r)
+    assert_bitwise_equal(fused, r + ops.rms_norm(x, s), "fused vs r + norm")
+    if not ON_GPU:
+        ref = red.row_reduce_reference(x.reshape(15, 1100), "rms_norm", weight=s,
+                                       residual=r.reshape(15, 1100))
+        assert_bitwise_equal(fused.reshape(15, 1100), ref, "fused vs reference")
+    assert_bitwise_equal(ops.rms_norm(x[3:4, 1:2], s, residual=r[3:4, 1:2])[0, 0], fused[3, 1],
+                         "row alone")
+    if dtype == jnp.float32:
+        loss = lambda f: lambda x, s, r: jnp.sum(jnp.sin(f(x, s, r)))
+        g1 = jax.grad(loss(lambda x, s, r: ops.rms_norm(x, s, residual=r)), (0, 1, 2))(x, s, r)
+        g2 = jax.grad(loss(lambda x, s, r: r + ops.rms_norm(x, s)), (0, 1, 2))(x, s, r)
+        for a, b, n in zip(g1, g2, ("dx", "dscale", "dresidual")):
+            assert_bitwise_equal(a, b, n)
+
+
 @pytest.mark.parametrize("name", ["sum", "max", "logsumexp", "softmax", "log_softmax"])
 def test_zero_extension(rng, name):
     """A row extended with identities (0 for sum; masked -inf tail for the softmax family)."""
@@ -179,6 +203,8 @@ def test_property_row_alone_equals_row_in_batch(r, n, dtype, name, seed):
     (lambda: ops.rms_norm(jnp.ones((3, 4)), jnp.ones((5,))), ValueError, "scale has shape"),
     (lambda: ops.rms_norm(jnp.ones((3, 4)), jnp.ones((4,)), eps=0.0), ValueError, "eps must be a positive"),
     (lambda: ops.rms_norm(jnp.ones((3, 4)), jnp.ones((4, 1))), ValueError, "scale must have rank 1"),
+    (lambda: ops.rms_norm(jnp.ones((3, 4)), jnp.ones((4,)), residual=jnp.ones((3, 5))), ValueError, "residual must have"),
+    (lambda: ops.rms_norm(jnp.ones((3, 4)), jnp.ones((4,)), residual=jnp.ones((3, 4), jnp.bfloat16)), ValueError, "residual must have"),
     (lambda: ops.max(jnp.ones((3, 0))), ValueError, "empty"),
     (lambda: ops.logsumexp(jnp.ones((3, 4)), backend="tpu"), ValueError, "tpu"),
 ])

@@ -102,11 +102,11 @@ def _x_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_elemen
                            preferred_element_type=preferred_element_type)
 
 
-def _x_rms_norm(x, scale, *, eps=1e-6, offset=1.0, **kw):
+def _x_rms_norm(x, scale, *, eps=1e-6, offset=1.0, residual=None, **kw):
     xf = x.astype(jnp.float32)
     var = jnp.mean(xf * xf, axis=-1, keepdims=True)
-    y = xf * lax.rsqrt(var + eps) * (offset + scale.astype(jnp.float32))
-    return y.astype(x.dtype)
+    y = (xf * lax.rsqrt(var + eps) * (offset + scale.astype(jnp.float32))).astype(x.dtype)
+    return y if residual is None else residual + y
 
 
 def _x_sum(x, axis=-1, keepdims=False, **kw):

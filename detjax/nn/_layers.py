@@ -114,9 +114,14 @@ class RMSNorm(nnx.Module):
         self.eps = float(eps)
         self.dtype, self.param_dtype, self.impl = dtype, param_dtype, check_impl(impl)
 
-    def __call__(self, x):
+    def __call__(self, x, residual=None):
+        """``norm(x)``; with ``residual``: ``residual + norm(x)`` (one kernel on detjax when the
+        residual has the normalised output's dtype)."""
         x = _dt(x, self.dtype)
-        return ops(self.impl).rms_norm(x, self.scale[...], eps=self.eps, offset=1.0)
+        if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+            return residual + ops(self.impl).rms_norm(x, self.scale[...], eps=self.eps, offset=1.0)
+        return ops(self.impl).rms_norm(x, self.scale[...], eps=self.eps, offset=1.0,
+                                       residual=residual)
 
 
 def _one_launch(impl, x, layers, get_weights):
@@ -301,13 +306,10 @@ class Block(nnx.Module):
         self.dtype, self.param_dtype, self.impl = dtype, param_dtype, check_impl(impl)
 
     def _finish(self, x, a):
-        if self.post_attention_norm is not None:
-            a = self.post_attention_norm(a)
-        x = x + a
+        post = self.post_attention_norm
+        x = post(a, residual=x) if post is not None else x + a
         h = self.mlp(self.pre_ffw_norm(x))
-        if self.post_ffw_norm is not None:
-            h = self.post_ffw_norm(h)
-        return x + h
+        return self.post_ffw_norm(h, residual=x) if self.post_ffw_norm is not None else x + h
 
     def __call__(self, x, positions=None, kv_lengths=None):
         """Returns ``(y, (k, v))`` (the keys/values, for filling a cache)."""

@@ -361,9 +361,33 @@ def _rms_bwd(eps, offset, backend, res, g):
 _rms_norm.defvjp(_rms_fwd, _rms_bwd)
 
 
-def rms_norm(x, scale, *, eps=1e-6, offset=1.0, backend=None):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _rms_norm_res(x2, scale, res, eps, offset, backend):
+    return row_reduce(x2, "rms_norm", weight=scale, eps=eps, offset=offset, backend=backend,
+                      residual=res)
+
+
+def _rms_res_fwd(x2, scale, res, eps, offset, backend):
+    return _rms_norm_res(x2, scale, res, eps, offset, backend), (x2, scale)
+
+
+def _rms_res_bwd(eps, offset, backend, res, g):
+    dx, dscale = _rms_bwd(eps, offset, backend, res, g)
+    return dx, dscale, g
+
+
+_rms_norm_res.defvjp(_rms_res_fwd, _rms_res_bwd)
+
+
+def rms_norm(x, scale, *, eps=1e-6, offset=1.0, residual=None, backend=None):
     """RMSNorm over the last axis: ``x * rsqrt(mean(x^2) + eps) * (offset + scale)`` in float32,
-    rounded to ``x.dtype``. Gemma uses ``offset=1`` (scale stored as a delta from 1)."""
+    rounded to ``x.dtype``. Gemma uses ``offset=1`` (scale stored as a delta from 1).
+
+    ``residual``: an array of ``x``'s shape and dtype; the result is then ``residual + y`` (the
+    rounded norm added in float32 and rounded once more: bitwise what ``residual + rms_norm(x)``
+    gives); for bf16/f16 in the same kernel (a Gemma block's ``x + post_norm(a)`` in one pass),
+    for float32 as a separate add (in one kernel the compiler may contract the norm's last multiply
+    and the add into an FMA)."""
     x = check_array(x, "x")
     scale = check_array(scale, "scale")
     check_float_dtype(x, "x", backend)
@@ -378,11 +402,21 @@ def rms_norm(x, scale, *, eps=1e-6, offset=1.0, backend=None):
         raise ValueError(f"rms_norm: eps must be a positive number; got {eps!r}")
     if not isinstance(offset, numbers.Real) or isinstance(offset, (bool, np.bool_)):
         raise TypeError(f"rms_norm: offset must be a number; got {offset!r}")
+    if residual is not None:
+        residual = check_array(residual, "residual")
+        if residual.shape != x.shape or residual.dtype != x.dtype:
+            raise ValueError(f"rms_norm: residual must have x's shape {tuple(x.shape)} and dtype "
+                             f"{x.dtype}; got {tuple(residual.shape)} {residual.dtype}")
     if x.shape[-1] == 0 or x.size == 0:
-        return x
+        return x if residual is None else residual
     be = _backend.resolve(backend)
     x2 = x.reshape(-1, x.shape[-1])
-    y = _rms_norm(x2, scale, float(eps), float(offset), be)
+    if residual is None:
+        y = _rms_norm(x2, scale, float(eps), float(offset), be)
+    elif x.dtype.itemsize != 2:
+        y = residual.reshape(x2.shape) + _rms_norm(x2, scale, float(eps), float(offset), be)
+    else:
+        y = _rms_norm_res(x2, scale, residual.reshape(x2.shape), float(eps), float(offset), be)
     return y.reshape(x.shape)
 
 
