@@ -52,6 +52,14 @@ def cases():
     yield "gemma tiny logits", nnx.jit(lambda m, t: m(t))(model, tokens)
     out = detjax.generate(model, [[5, 6, 7, 8], [9, 10]], 8)
     yield "gemma tiny generate logprobs", np.concatenate([np.asarray(x) for x in out.logprobs])
+    # added in session 8: the float32 FMA tile, a bf16 model (fused RoPE/GeGLU/residual-norm paths)
+    a32b = jax.random.normal(ks[2], (1030, 700), jnp.float32)
+    w32b = jax.random.normal(ks[3], (700, 300), jnp.float32)
+    yield "matmul f32 1030x700x300", ops.matmul(a32b, w32b)
+    bf = Transformer(GemmaConfig.tiny(dtype="bfloat16", param_dtype="bfloat16"), rngs=nnx.Rngs(0))
+    yield "gemma tiny bf16 logits", nnx.jit(lambda m, t: m(t))(bf, tokens)
+    out = detjax.generate(bf, [[5, 6, 7, 8], [9, 10]], 8)
+    yield "gemma tiny bf16 generate logprobs", np.concatenate([np.asarray(x) for x in out.logprobs])
 
 
 def main(argv=None):
