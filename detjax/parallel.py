@@ -365,11 +365,8 @@ class _Local:
         return self._row_parallel(mlp.down, geglu(mlp.gate(x), mlp.up(x), impl=mlp.impl),
                                   axis=-1)   # as FeedForward
 
-    def _finish(self, layer, x, a):   # as Block._finish
-        x = (layer.post_attention_norm(a, residual=x) if layer.post_attention_norm is not None
-             else x + a)
-        h = self._mlp(layer.mlp, layer.pre_ffw_norm(x))
-        return layer.post_ffw_norm(h, residual=x) if layer.post_ffw_norm is not None else x + h
+    def _finish(self, layer, x, a):
+        return layer._finish(x, a, mlp=lambda h: self._mlp(layer.mlp, h))
 
     def _block(self, layer, x, positions, lengths):
         a, kv = self._attn(layer.attn, layer.pre_attention_norm(x), positions, lengths)

@@ -288,6 +288,12 @@ class FeedForward(nnx.Module):
         return self.down(geglu(*self._gate_up(x), impl=self.impl))
 
 
+def _add_normed(norm, h, residual):
+    """``residual + norm(h)`` (one kernel, ``RMSNorm``'s ``residual``), or ``residual + h`` without
+    a norm."""
+    return residual + h if norm is None else norm(h, residual=residual)
+
+
 class Block(nnx.Module):
     """Gemma decoder block: ``x + post_attn_norm(attn(pre_attn_norm(x)))`` then
     ``x + post_ffw_norm(ffw(pre_ffw_norm(x)))``; post-norms (Gemma 2/3) optional."""
@@ -305,11 +311,13 @@ class Block(nnx.Module):
         self.post_ffw_norm = RMSNorm(d_model, eps=norm_eps, **kw) if use_post_norms else None
         self.dtype, self.param_dtype, self.impl = dtype, param_dtype, check_impl(impl)
 
-    def _finish(self, x, a):
-        post = self.post_attention_norm
-        x = post(a, residual=x) if post is not None else x + a
-        h = self.mlp(self.pre_ffw_norm(x))
-        return self.post_ffw_norm(h, residual=x) if self.post_ffw_norm is not None else x + h
+    def _finish(self, x, a, mlp=None):
+        """The block after attention: ``x + post_attn_norm(a)``, then the feed-forward residual.
+        ``mlp``: the feed-forward function (default ``self.mlp``; the tensor-parallel model passes
+        its sharded one, so both run this very code)."""
+        x = _add_normed(self.post_attention_norm, a, x)
+        h = (self.mlp if mlp is None else mlp)(self.pre_ffw_norm(x))
+        return _add_normed(self.post_ffw_norm, h, x)
 
     def __call__(self, x, positions=None, kv_lengths=None):
         """Returns ``(y, (k, v))`` (the keys/values, for filling a cache)."""
