@@ -509,17 +509,32 @@ def test_explain():
     assert "Replaced" in s and "Left to XLA" in s and "UNSUPPORTED" in s and "exact" in s
 
 
-def test_rsqrt_lane_dependence_control_and_fix():
-    # XLA:CPU's vectorised rsqrt differs from its scalar tail: element 3 of a [7,5,1] array and of
-    # a [1,5,1] array got different bits (measured). The transform evaluates 1/sqrt behind a barrier.
+def _rsqrt_case():
     f = lambda h: lax.rsqrt(h + 1e-6)
     x = jnp.sum(jnp.square(rnd((7, 5, 16), 21)), axis=-1, keepdims=True) / 16.0
-    if not ON_GPU:
-        assert not batch_invariant(f, x, rows=(3,), sub=0), "negative control: XLA rsqrt invariant"
+    return f, x
+
+
+def test_rsqrt_lane_dependence_fix():
+    # XLA:CPU's vectorised rsqrt differed from its scalar tail on some CPUs: element 3 of a [7,5,1]
+    # array and of a [1,5,1] array got different bits (measured in sessions 1-8). The transform
+    # evaluates 1/sqrt behind a barrier.
+    f, x = _rsqrt_case()
     d = deterministic(f)
     assert batch_invariant(d, x, rows=(0, 3, 6), sub=0)
     assert_close(d(x), f(x), rtol=1e-6, atol=0)
     assert "rsqrt" in [r.primitive for r in d.explain(x).replaced]
+
+
+def test_rsqrt_lane_dependence_control():
+    """The negative control of the fix above: plain XLA's rsqrt is position-dependent. It depends
+    on the CPU's vector code (seen on earlier machines; an AVX-512 Xeon of session 9 gave the same
+    bits for every row), so it is skipped where this CPU does not show it."""
+    f, x = _rsqrt_case()
+    if ON_GPU:
+        pytest.skip("a CPU control")
+    if batch_invariant(f, x, rows=(3,), sub=0):
+        pytest.skip("XLA:CPU's rsqrt is not position-dependent on this CPU")
 
 
 def _u32(a):
