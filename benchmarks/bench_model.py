@@ -1,13 +1,14 @@
 """End-to-end model benchmark: the same Gemma-style modules on detjax kernels and on plain XLA.
 
 Usage: ``python benchmarks/bench_model.py [--model gemma2_2b] [--batches 1,8,64] [--prompt 512]
-[--new-tokens 256] [--json OUT] [--transform] [--skip-forward] [--skip-generate]``
+[--new-tokens 256] [--json OUT] [--transform [--unfused]] [--skip-forward] [--skip-generate]``
 
 A batch size that fails (e.g. out of GPU memory) is reported as ``FAILED`` and skipped.
 
 ``--transform`` times only the forward pass of three versions of the same model: the modules on plain
 XLA, ``detjax.deterministic`` applied to that plain-XLA forward (the jaxpr transform, untouched
-model code), and the modules built on ``detjax.nn`` kernels.
+model code), and the modules built on ``detjax.nn`` kernels; ``--unfused`` adds the transform with
+its fused patterns off (``fuse=False``).
 
 Forward: device-side time (CUPTI via ``profiler.measure`` on a GPU) of one jitted forward pass over
 ``[batch, prompt]`` tokens, median of ``--iters``. Generation: wall-clock time of a call of
@@ -89,7 +90,7 @@ def run(model_name, batches, prompt, new_tokens, iters, forward=True, generation
     return rows
 
 
-def run_transform(model_name, batches, prompt, iters, upcast=False):
+def run_transform(model_name, batches, prompt, iters, upcast=False, unfused=False):
     from detjax.transform import deterministic
     config = getattr(GemmaConfig, model_name)(upcast_activations_to_float32=upcast)
     rows = []
@@ -102,12 +103,14 @@ def run_transform(model_name, batches, prompt, iters, upcast=False):
         t_x = device_ms(fx, sx, tokens, iters=iters)
         t_t = device_ms(ft, sx, tokens, iters=iters)
         t_d = device_ms(fd, sd, tokens, iters=iters)
+        t_u = device_ms(deterministic(fx, fuse=False), sx, tokens, iters=iters) if unfused \
+            else float("nan")
         rows.append(dict(model=model_name, upcast=upcast, batch=b, prompt=prompt, fwd_xla_ms=t_x,
                          fwd_transform_ms=t_t, fwd_nn_ms=t_d, transform_vs_nn=t_t / t_d,
-                         xla_over_transform=t_x / t_t))
+                         xla_over_transform=t_x / t_t, fwd_transform_unfused_ms=t_u))
         print(f"{model_name} B={b:3d} forward xla {t_x:8.2f} ms  deterministic(xla model) {t_t:8.2f} ms  "
-              f"detjax.nn {t_d:8.2f} ms  transform/nn {t_t / t_d:5.3f}  ratio vs XLA {t_x / t_t:5.2f}",
-              flush=True)
+              f"detjax.nn {t_d:8.2f} ms  transform/nn {t_t / t_d:5.3f}  ratio vs XLA {t_x / t_t:5.2f}"
+              + (f"  (fuse=False {t_u:8.2f} ms)" if unfused else ""), flush=True)
     return rows
 
 
@@ -120,6 +123,8 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--json", default=None)
     p.add_argument("--transform", action="store_true", help="forward only: XLA vs deterministic(XLA) vs nn")
+    p.add_argument("--unfused", action="store_true",
+                   help="with --transform: also time deterministic(..., fuse=False)")
     p.add_argument("--skip-forward", action="store_true",
                    help="time generation only (the forward pass returns [B, prompt, vocab] logits: "
                         "large at batch 64)")
@@ -132,7 +137,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.transform:
         rows = run_transform(args.model, [int(b) for b in args.batches.split(",")], args.prompt, args.iters,
-                             upcast=args.upcast)
+                             upcast=args.upcast, unfused=args.unfused)
     else:
         rows = run(args.model, [int(b) for b in args.batches.split(",")], args.prompt,
                    args.new_tokens, args.iters, forward=not args.skip_forward,

@@ -409,7 +409,7 @@ class _Stepper(_Interpreter):
     order; call bodies (jit, custom_jvp/vjp, remat) are entered rather than bound."""
 
     def __init__(self, visit):
-        super().__init__(strict=False, backend=None)
+        super().__init__(strict=False, backend=None, fuse=False)  # primitives one by one, as traced
         self.visit = visit
         self.path: list = []
         self.index = 0

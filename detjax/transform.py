@@ -13,6 +13,12 @@ by a detjax fixed-order op:
 ``cummax`` / ``cummin`` (float)       ``cummax`` / ``cummin``
 ====================================  ==========================================================
 
+Before that, two patterns are recognised in the jaxpr (flattened through ``jit`` calls) and run as
+one fused detjax kernel each: attention (``dot_general`` -> scale / soft cap -> interval mask ->
+softmax -> ``dot_general``) on the attention kernel, and RMSNorm on the ``rms_norm`` row kernel
+(``detjax/_fusion.py`` says what is recognised and what the fused kernels do differently;
+``fuse=False`` turns this off).
+
 Everything elementwise, data movement, and every integer/bool reduction (exact in any order) is left
 to XLA. Control flow is rebuilt around the transformed bodies: ``jit``/``closed_call``
 (inlined), ``remat`` (``jax.checkpoint`` of the interpreted body), ``scan``/``while``/``cond``
@@ -47,6 +53,7 @@ from jax import lax
 from jax._src import core as _core
 from jax._src import source_info_util
 
+from detjax import _fusion
 from detjax.ops import _linalg, _reductions, _scan
 
 __all__ = ["deterministic", "wrap", "NondeterministicOpError", "Explanation",
@@ -221,11 +228,13 @@ class Explanation:
     replaced: list = dataclasses.field(default_factory=list)
     left: list = dataclasses.field(default_factory=list)
     unsupported: list = dataclasses.field(default_factory=list)
+    fused: list = dataclasses.field(default_factory=list)
 
     def __str__(self):
-        lines = [f"detjax.deterministic: {len(self.replaced)} replaced, {len(self.left)} left to XLA, "
-                 f"{len(self.unsupported)} unsupported"]
+        lines = [f"detjax.deterministic: {len(self.fused)} fused, {len(self.replaced)} replaced, "
+                 f"{len(self.left)} left to XLA, {len(self.unsupported)} unsupported"]
         for title, recs, hint in (
+                ("Fused (a pattern of primitives run as one detjax kernel)", self.fused, ""),
                 ("Replaced by fixed-order detjax kernels", self.replaced, ""),
                 ("Left to XLA (elementwise, data movement, or exact integer/bool reductions)",
                  self.left, ""),
@@ -251,18 +260,25 @@ class Explanation:
 # The interpreter.
 
 class _Interpreter:
-    def __init__(self, strict: bool, backend, explain: Explanation | None = None):
+    def __init__(self, strict: bool, backend, explain: Explanation | None = None,
+                 fuse: bool = True):
         self.strict = strict
         self.backend = backend
         self.explain = explain
+        self.fuse = fuse
         self.warned: set = set()
         self.ctx: list = []  # source lines of the enclosing call equations
+        self.callsite: dict = {}  # id(inlined eqn) -> source line of the call it was inlined from
 
     # -- bookkeeping --------------------------------------------------------------------------
     def _src(self, eqn) -> str:
         s = _source(eqn)
-        if s == "<no user frame>" and self.ctx:
-            return self.ctx[-1]  # inside a library jit (jnp.fft, linalg, ...): the caller's line
+        if s == "<no user frame>":
+            # inside a library jit (jnp.fft, linalg, ...): the caller's line
+            if id(eqn) in self.callsite:
+                return self.callsite[id(eqn)]
+            if self.ctx:
+                return self.ctx[-1]
         return s
 
     def _record(self, kind, eqn, note=""):
@@ -292,8 +308,21 @@ class _Interpreter:
         return self._bind(eqn, invals)
 
     # -- evaluation ---------------------------------------------------------------------------
+    def _inline_custom(self, eqn) -> bool:
+        """Whether a custom-derivative call is evaluated through its body (see ``_call``)."""
+        return self._needs_rewrite(eqn.params.get("call_jaxpr", eqn.params.get("fun_jaxpr")))
+
+    def _fusions(self, jaxpr, consts):
+        """The jaxpr flattened through calls, and its fused patterns (``detjax._fusion``)."""
+        flat = _fusion.flatten(jaxpr, self._inline_custom, _source, self.callsite)
+        return flat, _fusion.find_fusions(flat, _resolved(self.backend), consts)
+
     def eval_jaxpr(self, jaxpr, consts, *args):
         env: dict = {}
+        fusions: dict = {}
+        if self.fuse:
+            jaxpr, fusions = self._fusions(jaxpr, consts)
+        inside = frozenset().union(*(f.interior for f in fusions.values())) if fusions else ()
 
         def read(v):
             return v.val if isinstance(v, _core.Literal) else env[v]
@@ -306,7 +335,18 @@ class _Interpreter:
             write(v, c)
         for v, a in zip(jaxpr.invars, args):
             write(v, a)
-        for eqn in jaxpr.eqns:
+        for i, eqn in enumerate(jaxpr.eqns):
+            if i in fusions:
+                f = fusions[i]
+                if self.explain is not None:
+                    self.explain.fused.append(Record(f.kind, (), self._src(eqn), f.note))
+                with source_info_util.user_context(eqn.source_info.traceback,
+                                                   name_stack=eqn.source_info.name_stack):
+                    out = f.run(read, _resolved(self.backend))
+                write(eqn.outvars[0], out)
+                continue
+            if i in inside:
+                continue  # part of a fused pattern; its value is used only inside the pattern
             invals = [read(v) for v in eqn.invars]
             with source_info_util.user_context(eqn.source_info.traceback,
                                                name_stack=eqn.source_info.name_stack):
@@ -496,6 +536,11 @@ class _Interpreter:
         return list(self.eval_closed(br, *ops))
 
 
+def _resolved(backend):
+    from pallas_kernels import backend as _backend
+    return _backend.resolve(backend)
+
+
 def _open(j):
     if hasattr(j, "jaxpr") and hasattr(j, "consts"):
         return j.jaxpr, j.consts
@@ -554,7 +599,8 @@ def _merge_args(arrays, static, is_arr, treedef):
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def _trace_and_eval(fn, arrays, static, is_arr, treedef, *, strict, backend, explain=None):
+def _trace_and_eval(fn, arrays, static, is_arr, treedef, *, strict, backend, explain=None,
+                    fuse=True):
     out_tree = []
 
     def flat_fn(*arrs):
@@ -565,25 +611,26 @@ def _trace_and_eval(fn, arrays, static, is_arr, treedef, *, strict, backend, exp
         return leaves
 
     closed = jax.make_jaxpr(flat_fn)(*arrays)
-    interp = _Interpreter(strict, backend, explain)
+    interp = _Interpreter(strict, backend, explain, fuse)
     outs = interp.eval_jaxpr(closed.jaxpr, closed.consts, *arrays)
     return outs, out_tree[-1]
 
 
-def _run(fn, args, kwargs, *, strict, backend, explain=None):
+def _run(fn, args, kwargs, *, strict, backend, explain=None, fuse=True):
     arrays, static, is_arr, treedef = _split_args(args, kwargs)
     outs, tree = _trace_and_eval(fn, arrays, static, is_arr, treedef, strict=strict,
-                                 backend=backend, explain=explain)
+                                 backend=backend, explain=explain, fuse=fuse)
     return jax.tree_util.tree_unflatten(tree, outs)
 
 
 class _Deterministic:
     """The callable returned by ``deterministic(fn)``: same signature as ``fn``."""
 
-    def __init__(self, fn, strict, backend):
+    def __init__(self, fn, strict, backend, fuse=True):
         self.fn = fn
         self.strict = strict
         self.backend = backend
+        self.fuse = fuse
         self._cache: dict = {}
         try:
             functools.update_wrapper(self, fn, updated=())
@@ -598,14 +645,16 @@ class _Deterministic:
         try:
             hash(key)
         except TypeError:  # unhashable static leaf: trace every call
-            return _run(self.fn, args, kwargs, strict=self.strict, backend=self.backend)
+            return _run(self.fn, args, kwargs, strict=self.strict, backend=self.backend,
+                        fuse=self.fuse)
         entry = self._cache.get(key)
         if entry is None:
             box: list = []
 
             def run_arrays(*arrs):
                 outs, tree = _trace_and_eval(self.fn, arrs, static, is_arr, treedef,
-                                             strict=self.strict, backend=self.backend)
+                                             strict=self.strict, backend=self.backend,
+                                             fuse=self.fuse)
                 box[:] = [tree]
                 return outs
             entry = self._cache[key] = (jax.jit(run_arrays), box)
@@ -618,7 +667,8 @@ class _Deterministic:
         rep = Explanation()
 
         def f(*a, **k):
-            return _run(self.fn, a, k, strict=False, backend=self.backend, explain=rep)
+            return _run(self.fn, a, k, strict=False, backend=self.backend, explain=rep,
+                        fuse=self.fuse)
 
         arrays, static, is_arr, treedef = _split_args(args, kwargs)
 
@@ -638,10 +688,11 @@ class DeterministicModule:
     """A Flax NNX module called deterministically. ``.module`` is the wrapped module; calls write
     state mutations (RNG counters, batch stats, caches) back into it with ``nnx.update``."""
 
-    def __init__(self, module, strict=True, backend=None, method="__call__"):
+    def __init__(self, module, strict=True, backend=None, method="__call__", fuse=True):
         self.module = module
         self.strict = strict
         self.backend = backend
+        self.fuse = fuse
         self.method = method
         self._det = None
 
@@ -655,7 +706,7 @@ class DeterministicModule:
         from flax import nnx
         graphdef, state = nnx.split(self.module)
         if self._det is None:
-            self._det = _Deterministic(self._pure, self.strict, self.backend)
+            self._det = _Deterministic(self._pure, self.strict, self.backend, self.fuse)
         out, new_state = self._det(graphdef, state, *args, **kwargs)
         if jax.tree_util.tree_leaves(new_state):
             nnx.update(self.module, new_state)
@@ -664,7 +715,7 @@ class DeterministicModule:
     def explain(self, *args, **kwargs) -> Explanation:
         from flax import nnx
         graphdef, state = nnx.split(self.module)
-        return _Deterministic(self._pure, self.strict, self.backend).explain(
+        return _Deterministic(self._pure, self.strict, self.backend, self.fuse).explain(
             graphdef, state, *args, **kwargs)
 
 
@@ -676,7 +727,8 @@ def _is_nnx_module(obj) -> bool:
     return isinstance(obj, nnx.Module)
 
 
-def deterministic(fn: Callable | Any = None, *, strict: bool = True, backend=None):
+def deterministic(fn: Callable | Any = None, *, strict: bool = True, backend=None,
+                  fuse: bool = True):
     """Return ``fn`` with every order-dependent primitive replaced by a fixed-order detjax kernel.
 
     Args:
@@ -685,21 +737,25 @@ def deterministic(fn: Callable | Any = None, *, strict: bool = True, backend=Non
       strict: raise ``NondeterministicOpError`` on a primitive with no fixed-order implementation
         (default); ``False`` warns once per primitive and runs it on XLA.
       backend: detjax backend override for the replaced ops.
+      fuse: run recognised patterns (attention, RMSNorm: ``detjax/_fusion.py``) as one fused
+        detjax kernel each (default); ``False`` replaces primitive by primitive only.
 
     The result has ``.explain(*args)`` returning an ``Explanation``. Usable as a decorator
     (``@deterministic`` or ``@deterministic(strict=False)``).
     """
     if fn is None:
-        return functools.partial(deterministic, strict=strict, backend=backend)
+        return functools.partial(deterministic, strict=strict, backend=backend, fuse=fuse)
+    if not isinstance(fuse, (bool, np.bool_)):
+        raise TypeError(f"deterministic: fuse must be a bool; got {fuse!r}")
     if _is_nnx_module(fn):
-        return DeterministicModule(fn, strict=strict, backend=backend)
+        return DeterministicModule(fn, strict=strict, backend=backend, fuse=bool(fuse))
     if not callable(fn):
         raise TypeError(f"deterministic expects a callable or an nnx.Module; got {type(fn).__name__}")
-    return _Deterministic(fn, strict, backend)
+    return _Deterministic(fn, strict, backend, bool(fuse))
 
 
 def wrap(model_or_apply_fn, **kw):
     """User-facing wrapper: ``wrap(nnx_module)`` -> ``DeterministicModule`` (callable, with
     ``.module`` and ``.explain``); ``wrap(linen_model.apply)`` or any function -> the deterministic
-    callable. Keyword arguments (``strict``, ``backend``) go to ``deterministic``."""
+    callable. Keyword arguments (``strict``, ``backend``, ``fuse``) go to ``deterministic``."""
     return deterministic(model_or_apply_fn, **kw)

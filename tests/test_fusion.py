@@ -1,0 +1,273 @@
+"""detjax.deterministic's fused patterns (``detjax/_fusion.py``): attention and RMSNorm written in
+plain jnp / Flax run as one detjax kernel, with the guarantees of the op-by-op transform.
+
+Invariance is checked on bit patterns; closeness to the untransformed function and to a float64
+reference with per-dtype tolerances. Each pattern test also checks *that* it fused (``explain``),
+and the controls check what must not fuse (a non-interval mask, an intermediate used elsewhere).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import ON_GPU, TOL, assert_bitwise_equal, bitwise_equal, randn, rel_err
+from detjax.nn._impl import XLA
+from detjax.transform import deterministic
+from pallas_kernels import attention as K
+
+
+@pytest.fixture(autouse=True)
+def _full_precision_references():
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+def fused_kinds(fn, *args, **kw):
+    return [r.primitive for r in deterministic(fn, **kw).explain(*args).fused]
+
+
+def _qkv(rng, b, t, s, n, kh, h, dtype, scale=1.0):
+    return (randn(rng, (b, t, n, h), dtype, scale), randn(rng, (b, s, kh, h), dtype, scale),
+            randn(rng, (b, s, kh, h), dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention written as plain jnp (the XLA namespace of detjax.nn: einsum, where, max/exp/sum, einsum)
+
+ATTN_CASES = [
+    # (T, S, N, K, H, causal, window, cap)
+    (7, 7, 4, 2, 16, True, None, None),
+    (33, 33, 2, 1, 8, True, 5, 30.0),
+    (5, 70, 3, 3, 8, True, None, None),      # a chunk of queries at the end of a longer cache
+    (9, 9, 4, 4, 8, False, 3, None),         # symmetric window: |q - k| < w
+    (1, 65, 2, 1, 16, True, 1, None),        # window 1: only the query itself
+]
+
+
+@pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: "T{}S{}N{}K{}H{}{}w{}c{}".format(*c))
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+def test_attention_pattern_fuses_and_is_batch_invariant(case, dtype, rng):
+    t, s, n, kh, h, causal, window, cap = case
+    b = 3
+    q, k, v = _qkv(rng, b, t, s, n, kh, h, dtype)
+    lengths = jnp.asarray([s, max(1, s - 6), s - 1], jnp.int32)
+
+    def attn(q, k, v, lengths):
+        return XLA.attention(q, k, v, causal=causal, sliding_window=window, logits_soft_cap=cap,
+                             kv_lengths=lengths)
+
+    assert fused_kinds(attn, q, k, v, lengths) == ["attention"]
+    d = jax.jit(deterministic(attn))
+    full = d(q, k, v, lengths)
+    for i in range(b):   # batch invariance at every position
+        assert_bitwise_equal(d(q[i:i + 1], k[i:i + 1], v[i:i + 1], lengths[i:i + 1])[0], full[i],
+                             f"row {i}")
+    vm = jax.vmap(lambda a, bb, c, ln: d(a[None], bb[None], c[None], ln[None])[0])(q, k, v, lengths)
+    assert_bitwise_equal(vm, full, "vmap")
+    assert_bitwise_equal(d(q, k, v, lengths), full, "run to run")
+    ref = K.attention_f64_reference(q, k, v, causal=causal, sliding_window=window,
+                                    logits_soft_cap=cap, kv_lengths=lengths)
+    assert rel_err(full, ref) < TOL[jnp.dtype(dtype)] * (2 if dtype == jnp.bfloat16 else 50)
+
+
+def test_attention_pattern_equals_detjax_attention_kernel(rng):
+    """The fused pattern runs the very kernel ``detjax.ops.attention`` runs: the same rows, the
+    same intervals, so the same bits (GQA, window, soft cap, ragged lengths)."""
+    from detjax import ops
+    q, k, v = _qkv(rng, 2, 12, 12, 4, 2, 16, jnp.bfloat16)
+    lengths = jnp.asarray([12, 7], jnp.int32)
+    opts = dict(causal=True, sliding_window=4, logits_soft_cap=20.0, kv_lengths=lengths)
+    fused = jax.jit(deterministic(lambda q, k, v: XLA.attention(q, k, v, **opts)))(q, k, v)
+    kernel = ops.attention(q, k, v, **opts)
+    assert_bitwise_equal(fused.astype(kernel.dtype), kernel, "fused pattern vs ops.attention")
+
+
+def test_attention_pattern_gradients_close(rng):
+    q, k, v = _qkv(rng, 2, 9, 9, 2, 1, 8, jnp.float32)
+
+    def loss(q, k, v):
+        o = XLA.attention(q, k, v, causal=True, sliding_window=4)
+        return jnp.sum(o * jnp.cos(o))
+
+    g_det = jax.jit(jax.grad(deterministic(loss), argnums=(0, 1, 2)))(q, k, v)
+    g_ref = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    for a, r in zip(g_det, g_ref):
+        assert rel_err(a, np.asarray(r, np.float64)) < 1e-4
+    assert all(bitwise_equal(a, b) for a, b in
+               zip(g_det, jax.jit(jax.grad(deterministic(loss), argnums=(0, 1, 2)))(q, k, v)))
+
+
+def _attn_variant(q, k, v, mask, *, fill, guard_max, mask_exp, guard_sum, transpose_k=False):
+    """Attention as users write it, with the knobs that decide what a fully masked row gives."""
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k) / math.sqrt(q.shape[-1])
+    logits = jnp.where(mask, logits, fill)
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    if guard_max:
+        m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.exp(logits - jax.lax.stop_gradient(m))
+    if mask_exp:
+        e = jnp.where(mask, e, 0.0)
+    den = jnp.sum(e, axis=-1, keepdims=True)
+    if guard_sum:
+        den = jnp.where(den > 0, den, 1.0)
+    return jnp.einsum("bnts,bsnh->btnh", e / den, v)
+
+
+@pytest.mark.parametrize("variant,expect", [
+    (dict(fill=-jnp.inf, guard_max=True, mask_exp=True, guard_sum=True), "zero"),
+    (dict(fill=-jnp.inf, guard_max=False, mask_exp=False, guard_sum=False), "nan"),
+    (dict(fill=float(jnp.finfo(jnp.float32).min), guard_max=False, mask_exp=False,
+          guard_sum=False), "mean"),
+])
+def test_attention_pattern_empty_rows_follow_the_traced_code(variant, expect, rng):
+    """A row with no valid key gets what the traced code gives it: 0, NaN, or the mean of v."""
+    b, t, s, n, h = 2, 6, 6, 2, 8
+    q, k, v = _qkv(rng, b, t, s, n, n, h, jnp.float32)
+    qpos = jnp.arange(t)[:, None]
+    kpos = jnp.arange(s)[None, :]
+    lengths = jnp.asarray([s, 0], jnp.int32)      # sequence 1 has no valid key at all
+
+    def f(q, k, v, lengths):
+        mask = (kpos <= qpos)[None, None] & (kpos < lengths[:, None, None, None])
+        return _attn_variant(q, k, v, mask, **variant)
+
+    assert fused_kinds(f, q, k, v, lengths) == ["attention"]
+    fused = np.asarray(jax.jit(deterministic(f))(q, k, v, lengths))
+    plain = np.asarray(f(q, k, v, lengths))
+    if expect == "nan":
+        assert np.isnan(fused[1]).all() and np.isnan(plain[1]).all()
+    else:
+        np.testing.assert_allclose(fused[1], plain[1], rtol=1e-5, atol=1e-6)
+        if expect == "zero":
+            assert (fused[1] == 0).all()
+    np.testing.assert_allclose(fused[0], plain[0], rtol=2e-5, atol=2e-6)
+
+
+def test_non_interval_mask_and_shared_probabilities_are_not_fused(rng):
+    q, k, v = _qkv(rng, 2, 8, 8, 2, 2, 8, jnp.float32)
+    kpos = jnp.arange(8)
+
+    def even_keys(q, k, v):   # not an interval of keys: left op by op
+        mask = (kpos % 2 == 0)[None, None, None, :]
+        return _attn_variant(q, k, v, mask, fill=-jnp.inf, guard_max=True, mask_exp=True,
+                             guard_sum=True)
+
+    def with_probs(q, k, v):  # the probabilities are an output: nothing to fuse
+        logits = jnp.einsum("btnh,bsnh->bnts", q, k)
+        p = jax.nn.softmax(logits, axis=-1)
+        return jnp.einsum("bnts,bsnh->btnh", p, v), p
+
+    for fn in (even_keys, with_probs):
+        assert fused_kinds(fn, q, k, v) == []
+        out = jax.jit(deterministic(fn))(q, k, v)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                     out, fn(q, k, v))
+    assert fused_kinds(even_keys, q, k, v, fuse=False) == []
+
+
+def test_softmax_attention_and_flax_mha_fuse(rng):
+    """``jax.nn.softmax`` attention (no mask) and ``nnx.MultiHeadAttention`` with a causal mask
+    made inside the function (a float mask, ``finfo.min`` fill) are recognised and stay
+    batch-invariant and close."""
+    from flax import nnx
+    q, k, v = _qkv(rng, 3, 10, 10, 2, 2, 8, jnp.float32)
+
+    def plain_softmax(q, k, v):
+        p = jax.nn.softmax(jnp.einsum("btnh,bsnh->bnts", q, k) * 0.25, axis=-1)
+        return jnp.einsum("bnts,bsnh->btnh", p, v)
+
+    assert fused_kinds(plain_softmax, q, k, v) == ["attention"]
+    d = jax.jit(deterministic(plain_softmax))
+    assert_bitwise_equal(d(q[1:2], k[1:2], v[1:2])[0], d(q, k, v)[1], "softmax attention row 1")
+    np.testing.assert_allclose(d(q, k, v), plain_softmax(q, k, v), rtol=1e-5, atol=1e-6)
+
+    mha = nnx.MultiHeadAttention(num_heads=2, in_features=16, qkv_features=16, decode=False,
+                                 rngs=nnx.Rngs(0))
+    x = randn(rng, (3, 10, 16), jnp.float32)
+
+    def call(x):  # the mask is built inside the traced code, so its structure can be read
+        return mha(x, mask=nnx.make_causal_mask(x[..., 0]))
+
+    assert fused_kinds(call, x) == ["attention"]
+    dm = jax.jit(deterministic(call))
+    full = dm(x)
+    assert_bitwise_equal(dm(x[2:3])[0], full[2], "nnx.MultiHeadAttention row 2")
+    # a mask passed in as data cannot be proven an interval: op by op, still deterministic
+    mask = nnx.make_causal_mask(x[..., 0])
+    assert [r.primitive for r in deterministic(mha).explain(x, mask=mask).fused] == []
+    np.testing.assert_allclose(full, call(x), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# RMSNorm
+
+
+def _rms_variants():
+    def gemma(x, w):
+        xf = x.astype(jnp.float32)
+        var = jnp.mean(xf * xf, axis=-1, keepdims=True)
+        return (xf * jax.lax.rsqrt(var + 1e-6) * (1.0 + w)).astype(x.dtype)
+
+    def square_no_weight(x, w):
+        return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + 1e-5)
+
+    return {"gemma": gemma, "square_no_weight": square_no_weight}
+
+
+@pytest.mark.parametrize("name", ["gemma", "square_no_weight"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32], ids=["bf16", "f16", "f32"])
+def test_rms_norm_pattern(name, dtype, rng):
+    fn = _rms_variants()[name]
+    if name == "square_no_weight" and dtype != jnp.float32:
+        pytest.skip("the f32-only variant")
+    x = randn(rng, (33, 300), dtype)
+    w = randn(rng, (300,), jnp.float32, 0.1)
+    assert fused_kinds(fn, x, w) == ["rms_norm"]
+    d = jax.jit(deterministic(fn))
+    full = d(x, w)
+    for i in (0, 7, 32):
+        assert_bitwise_equal(d(x[i:i + 1], w)[0], full[i], f"row {i}")
+    xf = np.asarray(x, np.float64)
+    ref = xf / np.sqrt((xf * xf).mean(-1, keepdims=True) + (1e-6 if name == "gemma" else 1e-5))
+    if name == "gemma":
+        ref = ref * (1.0 + np.asarray(w, np.float64))
+    assert rel_err(full, ref) < TOL[jnp.dtype(dtype)]
+
+
+def test_gemma_xla_model_fuses_every_attention_and_norm(rng):
+    """The plain-XLA Gemma model under ``deterministic``: one fused attention per layer and every
+    RMSNorm fused; batch-invariant and close to the untransformed model."""
+    from flax import nnx
+    from detjax.models.gemma import GemmaConfig, Transformer
+    cfg = GemmaConfig.tiny()
+    model = Transformer(cfg, rngs=nnx.Rngs(0), impl="xla")
+    graphdef, state = nnx.split(model)
+
+    def fwd(state, tokens):
+        return nnx.merge(graphdef, state)(tokens)
+
+    tokens = jnp.asarray(rng.integers(1, cfg.vocab_size, size=(3, 11)), jnp.int32)
+    kinds = fused_kinds(fwd, state, tokens)
+    assert kinds.count("attention") == cfg.num_layers
+    assert kinds.count("rms_norm") >= 2 * cfg.num_layers + 1
+    d = jax.jit(deterministic(fwd))
+    full = d(state, tokens)
+    assert_bitwise_equal(d(state, tokens[1:2])[0], full[1], "model row 1")
+    ref = fwd(state, tokens)
+    assert rel_err(full, np.asarray(ref, np.float64)) < 2e-2
+
+
+@pytest.mark.skipif(ON_GPU, reason="CPU control; the GPU control is tests/test_transform.py's")
+def test_fusion_off_gives_the_op_by_op_path(rng):
+    """``fuse=False`` keeps the op-by-op transform (no fused record, same result as before)."""
+    q, k, v = _qkv(rng, 2, 5, 5, 2, 2, 8, jnp.float32)
+
+    def attn(q, k, v):
+        return XLA.attention(q, k, v)
+
+    assert fused_kinds(attn, q, k, v, fuse=False) == []
+    a = jax.jit(deterministic(attn, fuse=False))(q, k, v)
+    np.testing.assert_allclose(a, attn(q, k, v), rtol=1e-5, atol=1e-6)
