@@ -856,6 +856,19 @@ def _match_rms_norm(g: _Graph, i0: int) -> Fusion:
         if _is_float_aval(e.outvars[0]):
             out_cast = jnp.dtype(e.outvars[0].aval.dtype)
             interior.add(us[0])
+            atom = e.outvars[0]
+    residual = None
+    us = g.uses.get(atom, [])
+    if (out_cast is not None and out_cast.itemsize == 2 and len(us) == 1 and us[0] >= 0
+            and g.eqns[us[0]].primitive.name == "add"):
+        # residual + norm(x): one kernel, bitwise the same (a bf16/f16 sum is exact in float32)
+        e = g.eqns[us[0]]
+        other = e.invars[1] if e.invars[0] is atom else e.invars[0]
+        if (not isinstance(other, _core.Literal) and other is not atom
+                and tuple(other.aval.shape) == tuple(xf.aval.shape)
+                and jnp.dtype(other.aval.dtype) == out_cast):
+            residual = other
+            interior.add(us[0])
     x_in = xf
     src = g.producer(xf, "convert_element_type")
     if src is not None and out_cast is not None and \
@@ -872,11 +885,16 @@ def _match_rms_norm(g: _Graph, i0: int) -> Fusion:
             w = w.reshape(d)
             if not jnp.issubdtype(w.dtype, jnp.floating):
                 w = w.astype(jnp.float32)
+        if residual is not None and x.dtype == out_cast:
+            return _reductions.rms_norm(x, w, eps=float(eps), offset=off, backend=backend,
+                                        residual=read(residual))
         y = _reductions.rms_norm(x, w, eps=float(eps), offset=off, backend=backend)
-        return y if out_cast is None else y.astype(out_cast)
+        y = y if out_cast is None else y.astype(out_cast)
+        return y if residual is None else read(residual) + y
 
     note = (f"rms_norm: x {_shape(x_in)}, eps {eps:g}" + (", weight" if weight is not None else "")
-            + (f" -> {out_cast.name}" if out_cast is not None else ""))
+            + (f" -> {out_cast.name}" if out_cast is not None else "")
+            + (" + residual" if residual is not None else ""))
     return Fusion("rms_norm", max(interior), frozenset(interior), run, note)
 
 
@@ -905,3 +923,101 @@ def _row_vector(g: _Graph, atom, d, rank):
                 return None
         found.append(pe[0])
         atom = op
+
+
+# ---------------------------------------------------------------------------------------------
+# Elementwise clusters: a transcendental op isolated together with its elementwise neighbours.
+#
+# The transform gives every transcendental op (``exp``, ``tanh``, ...) a fusion of its own
+# (``transform._ISOLATED``: XLA:GPU's code for it changed with the fusion around it). Alone, each
+# costs a write and a read of its input and output; a GeGLU's ``tanh`` then takes three passes over
+# the hidden activations. A cluster isolates the connected elementwise code around it as one unit
+# instead (as ``detjax.nn``'s ``geglu`` does): the fusion is still fixed by the traced code alone,
+# never by its neighbours or the batch.
+
+#: Elementwise primitives a cluster may hold (no CPU lane fixes: those keep their own handling).
+_ELEMENTWISE = frozenset("""
+add sub mul div neg max min abs sign convert_element_type integer_pow square select_n exp exp2
+expm1 log log1p tanh logistic erf erfc sin cos pow is_finite eq ne lt le gt ge and or not clamp
+floor ceil round copy
+""".split())
+
+
+@dataclasses.dataclass
+class Cluster:
+    """Eqns ``members`` (ascending) evaluated as one isolated function at ``anchor``, from
+    ``inputs`` (atoms made outside) to its one ``output`` var."""
+    anchor: int
+    members: tuple
+    inputs: tuple
+    output: object
+    seeds: tuple
+
+    def run(self, read, eqns, isolate):
+        members = [eqns[i] for i in self.members]
+
+        def fn(*vals):
+            env = dict(zip(self.inputs, vals))
+            rd = lambda a: a.val if isinstance(a, _core.Literal) else env[a]  # noqa: E731
+            for e in members:
+                params = e.primitive.get_bind_params(e.params)
+                out = e.primitive.bind(*[rd(a) for a in e.invars], **params)
+                env[e.outvars[0]] = out
+            return env[self.output]
+        return isolate(fn, *[read(a) for a in self.inputs])
+
+
+def find_clusters(jaxpr, is_seed: Callable, taken) -> dict:
+    """``{anchor: Cluster}``: the elementwise neighbourhood (same shape) of each seed eqn, where it
+    can be evaluated as one unit with one output; eqns in ``taken`` (fused patterns) are left out.
+    A seed whose neighbourhood does not qualify is not in the result (isolated alone)."""
+    g = _Graph(jaxpr)
+    out: dict = {}
+    used = set(taken)
+    for s, seed in enumerate(g.eqns):
+        if s in used or not is_seed(seed):
+            continue
+        shape = tuple(seed.outvars[0].aval.shape)
+
+        def eligible(i):
+            if i in used or i < 0:
+                return False
+            e = g.eqns[i]
+            if e.primitive.name not in _ELEMENTWISE or len(e.outvars) != 1:
+                return False
+            if tuple(e.outvars[0].aval.shape) != shape:
+                return False
+            return all(isinstance(a, _core.Literal) or not a.aval.shape
+                       or tuple(a.aval.shape) == shape for a in e.invars)
+
+        members, todo = {s}, [s]
+        while todo:
+            i = todo.pop()
+            e = g.eqns[i]
+            nbrs = [g.prod[a] for a in e.invars if not isinstance(a, _core.Literal) and a in g.prod]
+            nbrs += [u for v in e.outvars for u in g.uses.get(v, ())]
+            for j in nbrs:
+                if j not in members and eligible(j):
+                    members.add(j)
+                    todo.append(j)
+        anchor = max(members)
+        outs = [g.eqns[i].outvars[0] for i in members
+                if any(u not in members for u in g.uses.get(g.eqns[i].outvars[0], ()))]
+        if len(outs) != 1 or len(members) == 1:
+            continue
+        if any(u != -1 and u < anchor and u not in members for u in g.uses.get(outs[0], ())):
+            continue
+        inputs = []
+        for i in sorted(members):
+            for a in g.eqns[i].invars:
+                if isinstance(a, _core.Literal) or a in inputs:
+                    continue
+                if g.prod.get(a) in members:
+                    continue
+                inputs.append(a)
+        if any(a.aval.shape and tuple(a.aval.shape) != shape for a in inputs):
+            continue
+        seeds = tuple(i for i in sorted(members) if is_seed(g.eqns[i]))
+        out[anchor] = Cluster(anchor, tuple(sorted(members)), tuple(inputs), outs[0], seeds)
+        used |= members
+    return out

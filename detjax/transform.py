@@ -180,6 +180,15 @@ asinh acosh atanh pow cbrt lgamma digamma
 """.split())
 
 
+def _is_isolation_seed(eqn) -> bool:
+    return eqn.primitive.name in _ISOLATED and _is_float(eqn.outvars[0])
+
+
+def _isolate(fn, *args):
+    from detjax.ops import isolated
+    return isolated(fn, *args)
+
+
 def _isolated(eqn, invals):
     from detjax.ops import isolated
     params = eqn.primitive.get_bind_params(eqn.params)
@@ -320,9 +329,13 @@ class _Interpreter:
     def eval_jaxpr(self, jaxpr, consts, *args):
         env: dict = {}
         fusions: dict = {}
+        clusters: dict = {}
         if self.fuse:
             jaxpr, fusions = self._fusions(jaxpr, consts)
-        inside = frozenset().union(*(f.interior for f in fusions.values())) if fusions else ()
+        inside = frozenset().union(*(f.interior for f in fusions.values()))
+        if self.fuse:
+            clusters = _fusion.find_clusters(jaxpr, _is_isolation_seed, inside)
+            inside = inside.union(*(c.members for c in clusters.values()))
 
         def read(v):
             return v.val if isinstance(v, _core.Literal) else env[v]
@@ -344,6 +357,16 @@ class _Interpreter:
                                                    name_stack=eqn.source_info.name_stack):
                     out = f.run(read, _resolved(self.backend))
                 write(eqn.outvars[0], out)
+                continue
+            if i in clusters:
+                c = clusters[i]
+                for j in c.seeds:
+                    self._record("replaced", jaxpr.eqns[j],
+                                 f"isolated with its elementwise neighbours ({len(c.members)} ops) "
+                                 "in one fusion of its own")
+                with source_info_util.user_context(eqn.source_info.traceback,
+                                                   name_stack=eqn.source_info.name_stack):
+                    write(c.output, c.run(read, jaxpr.eqns, _isolate))
                 continue
             if i in inside:
                 continue  # part of a fused pattern; its value is used only inside the pattern

@@ -214,10 +214,13 @@ def _rms_variants():
     def square_no_weight(x, w):
         return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + 1e-5)
 
-    return {"gemma": gemma, "square_no_weight": square_no_weight}
+    def gemma_residual(x, w):
+        return x * 2 + gemma(x, w)   # a Gemma 2 block's x + post_norm(a) (row-local)
+
+    return {"gemma": gemma, "square_no_weight": square_no_weight, "gemma_residual": gemma_residual}
 
 
-@pytest.mark.parametrize("name", ["gemma", "square_no_weight"])
+@pytest.mark.parametrize("name", ["gemma", "square_no_weight", "gemma_residual"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32], ids=["bf16", "f16", "f32"])
 def test_rms_norm_pattern(name, dtype, rng):
     fn = _rms_variants()[name]
@@ -232,8 +235,16 @@ def test_rms_norm_pattern(name, dtype, rng):
         assert_bitwise_equal(d(x[i:i + 1], w)[0], full[i], f"row {i}")
     xf = np.asarray(x, np.float64)
     ref = xf / np.sqrt((xf * xf).mean(-1, keepdims=True) + (1e-6 if name == "gemma" else 1e-5))
-    if name == "gemma":
+    if name != "square_no_weight":
         ref = ref * (1.0 + np.asarray(w, np.float64))
+    if name == "gemma_residual":
+        # bf16/f16: the add joins the kernel; float32 adds outside (an FMA could change bits)
+        note = deterministic(fn).explain(x, w).fused[0].note
+        assert ("residual" in note) == (dtype != jnp.float32)
+        ref = ref + 2 * xf
+        # bitwise residual + norm: the one-kernel residual path adds the rounded norm
+        norm = jax.jit(deterministic(_rms_variants()["gemma"]))(x, w)
+        assert_bitwise_equal(full, x * 2 + norm, "residual + norm")
     assert rel_err(full, ref) < TOL[jnp.dtype(dtype)]
 
 
@@ -271,3 +282,23 @@ def test_fusion_off_gives_the_op_by_op_path(rng):
     assert fused_kinds(attn, q, k, v, fuse=False) == []
     a = jax.jit(deterministic(attn, fuse=False))(q, k, v)
     np.testing.assert_allclose(a, attn(q, k, v), rtol=1e-5, atol=1e-6)
+
+
+def test_transcendental_isolated_with_its_elementwise_neighbours(rng):
+    """GeGLU's ``tanh`` is isolated together with the elementwise code around it (one fusion, as
+    ``detjax.nn``'s ``geglu``), and stays batch-invariant and close to the traced code."""
+    def geglu(g, u):
+        return jax.nn.gelu(g, approximate=True) * u
+
+    g, u = randn(rng, (33, 96), jnp.bfloat16), randn(rng, (33, 96), jnp.bfloat16)
+    notes = [r.note for r in deterministic(geglu).explain(g, u).replaced if r.primitive == "tanh"]
+    assert len(notes) == 1 and "neighbours" in notes[0]
+    d = jax.jit(deterministic(geglu))
+    full = d(g, u)
+    for i in (0, 7, 32):
+        assert_bitwise_equal(d(g[i:i + 1], u[i:i + 1])[0], full[i], f"row {i}")
+    assert rel_err(full, np.asarray(geglu(g.astype(jnp.float32), u.astype(jnp.float32)),
+                                    np.float64)) < TOL[jnp.dtype(jnp.bfloat16)]
+    gd = jax.jit(jax.grad(lambda a, b: jnp.sum(deterministic(geglu)(a, b).astype(jnp.float32))))(g, u)
+    gr = jax.grad(lambda a, b: jnp.sum(geglu(a, b).astype(jnp.float32)))(g, u)
+    assert rel_err(gd, np.asarray(gr, np.float64)) < 2 * TOL[jnp.dtype(jnp.bfloat16)]
