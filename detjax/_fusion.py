@@ -369,13 +369,15 @@ def _as_interval(kind, size):
 
 @dataclasses.dataclass
 class Fusion:
-    """A recognised pattern: evaluate ``run(read, backend)`` at eqn ``anchor`` (its outputs are
-    the anchor's outputs) and skip the eqns in ``interior``."""
+    """A recognised pattern: evaluate ``run(read, backend)`` at eqn ``anchor`` and skip the eqns in
+    ``interior``. ``run`` returns the value of the anchor's output, or with ``outvars`` set, a list
+    of values for those vars."""
     kind: str
     anchor: int
     interior: frozenset
     run: Callable
     note: str
+    outvars: tuple = ()
 
 
 def find_fusions(jaxpr, backend: str, consts=()) -> dict:
@@ -386,8 +388,13 @@ def find_fusions(jaxpr, backend: str, consts=()) -> dict:
     g = _Graph(jaxpr, consts)
     taken: set = set()
     found: dict = {}
+    for f in _match_projections(g):
+        taken |= f.interior
+        found[f.anchor] = f
     for i, e in enumerate(g.eqns):
         name = e.primitive.name
+        if i in taken:
+            continue
         try:
             if name == "dot_general" and _is_float_aval(e.outvars[0]):
                 f = _match_attention(g, i)
@@ -1021,3 +1028,67 @@ def find_clusters(jaxpr, is_seed: Callable, taken) -> dict:
         out[anchor] = Cluster(anchor, tuple(sorted(members)), tuple(inputs), outs[0], seeds)
         used |= members
     return out
+
+
+# -- sibling projections -----------------------------------------------------------------------
+
+def _projection_weight(e):
+    """``(lhs, weight layout)`` if ``e`` is ``x[..., D] . W`` with ``W`` ``[D, N]`` or ``[G, D, H]``
+    contracted on D, no batch dimensions."""
+    (lc, rc), (lb, rb) = e.params["dimension_numbers"]
+    x, w = e.invars
+    if lb or rb or len(lc) != 1 or len(rc) != 1 or isinstance(x, _core.Literal):
+        return None
+    if tuple(lc) != (_ndim(x) - 1,) or not _is_float_aval(e.outvars[0]):
+        return None
+    if _ndim(w) == 2 and tuple(rc) == (0,):
+        return "dn"
+    if _ndim(w) == 3 and tuple(rc) == (1,):
+        return "gdh"
+    return None
+
+
+def _match_projections(g: _Graph):
+    """Dot products of one activation with several weights (q/k/v, gate/up), each bitwise what it
+    gives alone (``head_projections``), in one kernel launch on the GPU."""
+    groups: dict = {}
+    for i, e in enumerate(g.eqns):
+        if e.primitive.name != "dot_general":
+            continue
+        lay = _projection_weight(e)
+        if lay is None:
+            continue
+        key = (e.invars[0], jnp.dtype(e.invars[1].aval.dtype), str(e.params.get("precision")),
+               str(e.params.get("preferred_element_type")))
+        if jnp.dtype(e.invars[0].aval.dtype) != key[1]:
+            continue
+        groups.setdefault(key, []).append((i, lay))
+    found = []
+    for key, members in groups.items():
+        if len(members) < 2:
+            continue
+        anchor = max(i for i, _ in members)
+        members = [(i, lay) for i, lay in members
+                   if all(u == -1 or u > anchor for u in g.uses.get(g.eqns[i].outvars[0], ()))]
+        if len(members) < 2:
+            continue
+        eqns = [g.eqns[i] for i, _ in members]
+        x = key[0]
+        p = eqns[0].params
+
+        def run(read, backend, eqns=eqns, members=members, x=x, p=p):
+            from detjax.ops import _linalg
+            ws = []
+            for e, (_, lay) in zip(eqns, members):
+                w = read(e.invars[1])
+                ws.append(w[None] if lay == "dn" else w)
+            outs = _linalg.head_projections(read(x), ws, precision=p.get("precision"),
+                                            preferred_element_type=p.get("preferred_element_type"),
+                                            backend=backend)
+            return [o.reshape(e.outvars[0].aval.shape) for o, e in zip(outs, eqns)]
+
+        note = (f"projections: {_shape(x)} by {len(eqns)} weights "
+                f"({', '.join(_shape(e.invars[1]) for e in eqns)}) in one launch")
+        found.append(Fusion("projections", anchor, frozenset(i for i, _ in members), run, note,
+                            tuple(e.outvars[0] for e in eqns)))
+    return found

@@ -356,7 +356,11 @@ class _Interpreter:
                 with source_info_util.user_context(eqn.source_info.traceback,
                                                    name_stack=eqn.source_info.name_stack):
                     out = f.run(read, _resolved(self.backend))
-                write(eqn.outvars[0], out)
+                if f.outvars:
+                    for v, o in zip(f.outvars, out):
+                        write(v, o)
+                else:
+                    write(eqn.outvars[0], out)
                 continue
             if i in clusters:
                 c = clusters[i]

@@ -302,3 +302,24 @@ def test_transcendental_isolated_with_its_elementwise_neighbours(rng):
     gd = jax.jit(jax.grad(lambda a, b: jnp.sum(deterministic(geglu)(a, b).astype(jnp.float32))))(g, u)
     gr = jax.grad(lambda a, b: jnp.sum(geglu(a, b).astype(jnp.float32)))(g, u)
     assert rel_err(gd, np.asarray(gr, np.float64)) < 2 * TOL[jnp.dtype(jnp.bfloat16)]
+
+
+def test_sibling_projections_one_launch_same_bits(rng):
+    """Projections of one activation (q/k/v ``[G, D, H]`` weights, a ``[D, N]`` Linear) run as one
+    ``head_projections`` call: every output has the bits of its own ``dot_general`` (fuse=False)."""
+    x = randn(rng, (7, 33, 64), jnp.bfloat16)
+    ws = [randn(rng, (4, 64, 16), jnp.bfloat16, 0.1), randn(rng, (2, 64, 16), jnp.bfloat16, 0.1),
+          randn(rng, (64, 40), jnp.bfloat16, 0.1)]
+
+    def proj(x, wq, wk, wl):
+        return (jnp.einsum("btd,ndh->btnh", x, wq), jnp.einsum("btd,kdh->btkh", x, wk),
+                jnp.tanh(x @ wl))
+
+    assert fused_kinds(proj, x, *ws) == ["projections"]
+    fused = jax.jit(deterministic(proj))(x, *ws)
+    plain = jax.jit(deterministic(proj, fuse=False))(x, *ws)
+    for a, b in zip(fused, plain):
+        assert_bitwise_equal(a, b, "fused projections vs one dot_general each")
+    one = jax.jit(deterministic(proj))(x[3:4], *ws)
+    for a, b in zip(one, fused):
+        assert_bitwise_equal(a[0], b[3], "row 3")
