@@ -3,7 +3,9 @@
 The transform replaces order-dependent primitives one at a time. Some groups of primitives are one
 well-known computation that detjax has a fused kernel for; running them op by op costs passes
 through memory (the ``[B, heads, T, S]`` logits of an attention are written and read half a dozen
-times). Two patterns are recognised, in a jaxpr flattened through ``jit`` calls:
+times). These patterns are recognised, in a jaxpr flattened through ``jit`` calls (also:
+projections of one activation by several weights in one launch, ``_match_projections``, and
+transcendental ops isolated with their elementwise neighbours, ``find_clusters``):
 
 * **Attention**: ``dot_general(q, k)`` -> (transposes, converts, multiplications/divisions by a
   constant, an optional soft cap ``c * tanh(x / c)``) -> an optional mask ``where(mask, x, fill)``
@@ -231,8 +233,6 @@ def _int_value(g: _Graph, atom, ka, depth=0):
             return ("key", lambda r, x=a[1], y=b[1]: x(r) + y(r))
         if a[0] == "inv" and b[0] == "key" and name == "sub":
             return ("negkey", lambda r, x=a[1], y=b[1]: x(r) - y(r))  # c - key
-        if a[0] == "key" and b[0] == "key" and name == "sub":
-            raise _NoMatch
         raise _NoMatch
     if name == "abs":
         a = _int_value(g, e.invars[0], ka, depth + 1)

@@ -13,11 +13,12 @@ by a detjax fixed-order op:
 ``cummax`` / ``cummin`` (float)       ``cummax`` / ``cummin``
 ====================================  ==========================================================
 
-Before that, two patterns are recognised in the jaxpr (flattened through ``jit`` calls) and run as
-one fused detjax kernel each: attention (``dot_general`` -> scale / soft cap -> interval mask ->
-softmax -> ``dot_general``) on the attention kernel, and RMSNorm on the ``rms_norm`` row kernel
-(``detjax/_fusion.py`` says what is recognised and what the fused kernels do differently;
-``fuse=False`` turns this off).
+Before that, patterns are recognised in the jaxpr (flattened through ``jit`` calls) and run as one
+fused detjax kernel each: attention (``dot_general`` -> scale / soft cap -> interval mask ->
+softmax -> ``dot_general``) on the attention kernel, RMSNorm on the ``rms_norm`` row kernel, and
+projections of one activation by several weights in one launch; a transcendental op is isolated
+together with its elementwise neighbours (``detjax/_fusion.py`` says what is recognised and what
+the fused kernels do differently; ``fuse=False`` turns all of this off).
 
 Everything elementwise, data movement, and every integer/bool reduction (exact in any order) is left
 to XLA. Control flow is rebuilt around the transformed bodies: ``jit``/``closed_call``
