@@ -169,7 +169,8 @@ class _Graph:
         if np.ndim(atom.val) != 0:
             return None
         interior.update(found)
-        return float(atom.val) if not isinstance(atom.val, (bool, np.bool_)) else bool(atom.val)
+        val = np.asarray(atom.val)
+        return bool(val) if val.dtype == np.bool_ else float(val)
 
 
 def _ndim(atom):
@@ -206,7 +207,11 @@ def _int_value(g: _Graph, atom, ka, depth=0):
     _, e = pe
     name = e.primitive.name
     if name == "iota":
-        _need(e.params["dimension"] == ka)
+        if e.params["dimension"] != ka:  # an index along another axis: key-invariant
+            shape = list(e.params["shape"])
+            shape[ka] = 1
+            dim, dt = e.params["dimension"], e.params["dtype"]
+            return ("inv", lambda read: lax.broadcasted_iota(dt, tuple(shape), dim))
         return ("key", lambda read: 0)
     if name == "broadcast_in_dim":
         dims = tuple(e.params["broadcast_dimensions"])
@@ -225,6 +230,9 @@ def _int_value(g: _Graph, atom, ka, depth=0):
     if name in ("add", "sub"):
         a = _int_value(g, e.invars[0], ka, depth + 1)
         b = _int_value(g, e.invars[1], ka, depth + 1)
+        if a[0] == "inv" and b[0] == "inv":
+            op = jnp.add if name == "add" else jnp.subtract
+            return ("inv", lambda r, x=a[1], y=b[1]: op(x(r), y(r)))
         if a[0] == "key" and b[0] == "inv":
             off = (lambda r, x=a[1], y=b[1]: x(r) + y(r)) if name == "add" else \
                   (lambda r, x=a[1], y=b[1]: x(r) - y(r))
@@ -316,6 +324,14 @@ def _bool_value(g: _Graph, atom, ka, size, depth=0):
         src = g.producer(e.invars[0], "convert_element_type")
         _need(src is not None and src[1].invars[0].aval.dtype == jnp.bool_)
         return _bool_value(g, src[1].invars[0], ka, size, depth + 1)
+    if name == "select_n" and len(e.invars) == 3:
+        # select_n(c, False, x) == c & x  (jnp.tril / triu build masks this way)
+        pred, on_false, on_true = e.invars
+        _need(g.scalar_const(on_false, set()) is False)
+        c = _as_interval(_bool_value(g, pred, ka, size, depth + 1), size)
+        x = _as_interval(_bool_value(g, on_true, ka, size, depth + 1), size)
+        return ("iv", lambda r: jnp.maximum(c[1](r), x[1](r)),
+                lambda r: jnp.minimum(c[2](r), x[2](r)))
     if name == "and":
         a = _as_interval(_bool_value(g, e.invars[0], ka, size, depth + 1), size)
         b = _as_interval(_bool_value(g, e.invars[1], ka, size, depth + 1), size)
@@ -430,19 +446,57 @@ def _closed(g: _Graph, interior, anchor) -> bool:
 
 def _walk_stat(g: _Graph, atom, prim, operand, interior):
     """From a softmax statistic's use back to ``prim`` (reduce_max/reduce_sum) of ``operand`` over
-    its last axis, through keepdims reshapes and the usual guards. Returns the guards seen."""
+    its last axis, through keepdims reshapes, transposes and the usual guards. The reduction may
+    also be of the array ``operand`` is a transpose of (``jax.nn.dot_product_attention`` takes the
+    max before moving the heads), if the transposes of the statistic are that transpose's.
+    Returns the guards seen."""
     guards = set()
-    for _ in range(16):
+    perms = []  # transposes of the statistic, last first
+    rank = _ndim(operand)
+    for _ in range(24):
         pe = g.producer(atom)
         _need(pe is not None)
         i, e = pe
         name = e.primitive.name
         interior.add(i)
         if name == prim:
-            _need(e.invars[0] is operand)
-            _need(tuple(e.params["axes"]) == (_ndim(operand) - 1,))
+            _need(tuple(e.params["axes"]) == (_ndim(e.invars[0]) - 1,))
+            if e.invars[0] is operand:
+                _need(not perms)
+                return guards
+            tp = g.producer(operand, "transpose")
+            _need(tp is not None and tp[1].invars[0] is e.invars[0])
+            perm = tuple(tp[1].params["permutation"])
+            _need(perm[-1] == rank - 1)
+            axes = list(range(rank - 1))
+            for p in reversed(perms):
+                axes = [axes[j] for j in p]
+            _need(tuple(axes) == perm[:-1])
             return guards
-        if name in ("broadcast_in_dim", "reshape", "stop_gradient"):
+        if name == "transpose":
+            perm = tuple(e.params["permutation"])
+            if len(perm) == rank:                    # after keepdims: the unit axis stays last
+                _need(perm[-1] == rank - 1)
+                perm = perm[:-1]
+            _need(len(perm) == rank - 1)
+            perms.append(perm)
+            atom = e.invars[0]
+            continue
+        if name == "broadcast_in_dim":
+            op = e.invars[0]
+            nd = _ndim(op)
+            _need(tuple(e.params["broadcast_dimensions"]) == tuple(range(nd))
+                  and all(d == 1 for d in e.outvars[0].aval.shape[nd:]))
+            atom = op
+            continue
+        if name == "reshape":
+            a_shape = tuple(d for d in e.invars[0].aval.shape)
+            o_shape = tuple(d for d in e.outvars[0].aval.shape)
+            strip = lambda sh: sh[:len(sh) - next((k for k, d in enumerate(reversed(sh)) if d != 1), 0)]  # noqa: E731
+            _need(strip(a_shape) == strip(o_shape))
+            atom = e.invars[0]
+            continue
+        if name == "stop_gradient":
             atom = e.invars[0]
             continue
         if name == "max":  # max(-inf, m): a no-op guard

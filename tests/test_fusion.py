@@ -342,3 +342,32 @@ def test_sibling_projections_one_launch_same_bits(rng):
     one = jax.jit(deterministic(proj))(x[3:4], *ws)
     for a, b in zip(one, fused):
         assert_bitwise_equal(a[0], b[3], "row 3")
+
+
+@pytest.mark.parametrize("kw,ref_kw", [
+    (dict(is_causal=True), dict(causal=True)),
+    (dict(is_causal=False), dict(causal=False)),
+    (dict(is_causal=True, local_window_size=(3, 0)), dict(causal=True, sliding_window=4)),
+    (dict(is_causal=True, key_value_seq_lengths=(9, 5, 1)), dict(causal=True)),
+], ids=["causal", "full", "window", "lengths"])
+def test_jax_nn_dot_product_attention_fuses(kw, ref_kw, rng):
+    """``jax.nn.dot_product_attention(implementation='xla')`` (its ``tril`` mask, its max taken
+    before the heads are moved, ``finfo.min`` fill) runs as the fused attention."""
+    q, k, v = _qkv(rng, 3, 9, 9, 4, 2, 16, jnp.bfloat16)
+    kw = dict(kw)
+    lengths = kw.pop("key_value_seq_lengths", None)
+    lengths = None if lengths is None else jnp.asarray(lengths, jnp.int32)
+
+    def f(q, k, v, lengths):
+        return jax.nn.dot_product_attention(q, k, v, implementation="xla",
+                                            key_value_seq_lengths=lengths, **kw)
+
+    assert fused_kinds(f, q, k, v, lengths) == ["attention"]
+    d = jax.jit(deterministic(f))
+    full = d(q, k, v, lengths)
+    for i in (0, 2):
+        li = None if lengths is None else lengths[i:i + 1]
+        assert_bitwise_equal(d(q[i:i + 1], k[i:i + 1], v[i:i + 1], li)[0], full[i], f"row {i}")
+    ref = K.attention_f64_reference(q, k, v, kv_lengths=lengths, **ref_kw)
+    assert rel_err(full, ref) < 2 * TOL[jnp.dtype(jnp.bfloat16)]
+    assert rel_err(f(q, k, v, lengths), ref) < 2 * TOL[jnp.dtype(jnp.bfloat16)]

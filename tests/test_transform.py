@@ -292,6 +292,9 @@ def test_nnx_module():
     assert batch_invariant(d, x, rows=(0, 6), sub=0)
     assert same(d(x), out)
     rep = d.explain(x)
+    assert {"dot_general", "reduce_sum"} <= {r.primitive for r in rep.replaced}
+    assert "attention" in [r.primitive for r in rep.fused]   # the MHA's softmax(q k) v
+    rep = wrap(m, fuse=False).explain(x)
     assert {"dot_general", "reduce_sum", "reduce_max"} <= {r.primitive for r in rep.replaced}
 
     graphdef, state = nnx.split(m)
