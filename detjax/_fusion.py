@@ -197,8 +197,9 @@ def _lit_or_read(atom):
 
 def _int_value(g: _Graph, atom, ka, depth=0):
     _need(depth < 64)
+    # signed integers only: bounds are computed as c - offset (unsigned values could wrap)
+    _need(jnp.issubdtype(atom.aval.dtype, jnp.signedinteger))
     if isinstance(atom, _core.Literal) or not atom.aval.shape or atom.aval.shape[ka] == 1:
-        _need(jnp.issubdtype(atom.aval.dtype, jnp.integer))
         return ("inv", _lit_or_read(atom))
     if atom in g.const_vals:  # a closed-over array: key index + offset if its values say so
         return _const_key(g.const_vals[atom], ka)
@@ -225,7 +226,7 @@ def _int_value(g: _Graph, atom, ka, depth=0):
         kind = _int_value(g, e.invars[0], perm[ka], depth + 1)
         return _permute(kind, perm)
     if name == "convert_element_type":
-        _need(jnp.issubdtype(e.invars[0].aval.dtype, jnp.integer))
+        _need(jnp.issubdtype(e.invars[0].aval.dtype, jnp.signedinteger))
         return _int_value(g, e.invars[0], ka, depth + 1)
     if name in ("add", "sub"):
         a = _int_value(g, e.invars[0], ka, depth + 1)
@@ -260,7 +261,7 @@ def _int_value(g: _Graph, atom, ka, depth=0):
 def _const_key(value, ka):
     """A concrete integer array that is ``arange`` along axis ``ka`` plus a key-invariant offset."""
     val = np.asarray(value)
-    _need(np.issubdtype(val.dtype, np.integer))
+    _need(np.issubdtype(val.dtype, np.signedinteger))
     off = np.take(val, [0], axis=ka)
     shape = [1] * val.ndim
     shape[ka] = val.shape[ka]
