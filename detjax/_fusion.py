@@ -28,7 +28,10 @@ What the fused kernels do differently from the primitives they replace (all docu
   stays within the bf16/f16 tolerance of the tests.
 * Rows whose mask is empty get what the traced code gives them: 0 (guarded softmax), NaN
   (unguarded, ``-inf`` fill) or the mean of ``v`` over all keys (finite fill, as ``nnx``'s
-  ``finfo.min``), detected from the pattern's structure.
+  ``finfo.min``), detected from the pattern's structure. A finite fill is accepted only when it is
+  the logits dtype's most negative value or <= -1e9: then a masked key's ``exp(fill - max)`` is
+  exactly 0 in any row with a valid key whose logit is above ``fill + 104``, and the kernel's
+  exclusion of masked keys gives the traced result. (A smaller fill, e.g. -100, is not fused.)
 
 ``deterministic(fn, fuse=False)`` turns the patterns off.
 """
@@ -587,7 +590,11 @@ def _match_attention_side(g, i2, e2, p_side) -> Fusion:
     if pe is not None:
         pred, on_false, on_true = pe[1].invars
         fill = g.scalar_const(on_false, interior)
-        _need(fill is not None and (fill == -math.inf or (math.isfinite(fill) and fill < -1e30)))
+        # a finite fill must be far below any logit, so exp(fill - max) is exactly 0 in a row with
+        # a valid key: the dtype's most negative value (nnx, jax.nn) or <= -1e9 (ported code)
+        lowest = float(jnp.finfo(lm.aval.dtype).min) if _is_float_aval(lm) else -math.inf
+        _need(fill is not None and (fill == -math.inf or fill == lowest
+                                    or (math.isfinite(fill) and fill <= -1e9)))
         interior.add(pe[0])
         mask = pred
         logits = on_true

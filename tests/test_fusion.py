@@ -371,3 +371,18 @@ def test_jax_nn_dot_product_attention_fuses(kw, ref_kw, rng):
     ref = K.attention_f64_reference(q, k, v, kv_lengths=lengths, **ref_kw)
     assert rel_err(full, ref) < 2 * TOL[jnp.dtype(jnp.bfloat16)]
     assert rel_err(f(q, k, v, lengths), ref) < 2 * TOL[jnp.dtype(jnp.bfloat16)]
+
+
+@pytest.mark.parametrize("fill,fuses", [(-1e9, True), (-100.0, False)])
+def test_finite_fill_fuses_only_far_below_the_logits(fill, fuses, rng):
+    """``where(mask, logits, -1e9)`` (ported code) fuses; a fill that a logit could come near
+    (-100) is left op by op, where it may give masked keys a weight."""
+    q, k, v = _qkv(rng, 2, 7, 7, 2, 2, 8, jnp.float32)
+    kpos, qpos = jnp.arange(7)[None, :], jnp.arange(7)[:, None]
+
+    def f(q, k, v):
+        return _attn_variant(q, k, v, (kpos <= qpos)[None, None], fill=fill, guard_max=False,
+                             mask_exp=False, guard_sum=False)
+
+    assert fused_kinds(f, q, k, v) == (["attention"] if fuses else [])
+    np.testing.assert_allclose(jax.jit(deterministic(f))(q, k, v), f(q, k, v), rtol=2e-5, atol=2e-6)
