@@ -386,3 +386,26 @@ def test_finite_fill_fuses_only_far_below_the_logits(fill, fuses, rng):
 
     assert fused_kinds(f, q, k, v) == (["attention"] if fuses else [])
     np.testing.assert_allclose(jax.jit(deterministic(f))(q, k, v), f(q, k, v), rtol=2e-5, atol=2e-6)
+
+
+def test_transformed_xla_model_decode_equals_prefill(rng):
+    """``deterministic`` of the plain-XLA Gemma model: its KV-cache decode (prefill of a prompt,
+    then one token at a time) gives the logits of the full forward pass bitwise, because every
+    fused attention row depends only on its query, its key interval and the keys in it."""
+    from flax import nnx
+    from detjax.models.gemma import GemmaConfig, Transformer
+    cfg = GemmaConfig.tiny()
+    model = Transformer(cfg, rngs=nnx.Rngs(1), impl="xla")
+    gd, st = nnx.split(model)
+    fwd = jax.jit(deterministic(lambda st, t: nnx.merge(gd, st)(t)))
+    pre = jax.jit(deterministic(lambda st, t, n, c: nnx.merge(gd, st).prefill(t, n, c)))
+    dec = jax.jit(deterministic(lambda st, t, c: nnx.merge(gd, st).decode_step(t, c)))
+    tokens = jnp.asarray(rng.integers(1, cfg.vocab_size, size=(2, 9)), jnp.int32)
+    full = fwd(st, tokens)
+    assert "attention" in fused_kinds(lambda st, t, c: nnx.merge(gd, st).decode_step(t, c),
+                                      st, tokens[:, :1], model.init_cache(2, 16))
+    logits, cache = pre(st, tokens[:, :4], jnp.full((2,), 4, jnp.int32), model.init_cache(2, 16))
+    assert_bitwise_equal(logits, full[:, 3], "prefill, last prompt token")
+    for t in range(4, 9):
+        logits, cache = dec(st, tokens[:, t:t + 1], cache)
+        assert_bitwise_equal(logits[:, 0], full[:, t], f"decode token {t}")
