@@ -64,6 +64,7 @@ def test_notebook_runs(name, kernel_env):
     assert not errors
     if name == "quickstart.ipynb":
         assert "row 7 alone == row 7 in the batch: True" in text
+        assert "row 2 alone == row 2 in the batch: True" in text and "'attention: q" in text
         assert "restored logits bitwise equal: True" in text
         assert "logprobs bitwise equal True" in text
     else:
