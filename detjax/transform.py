@@ -354,8 +354,7 @@ class _Interpreter:
                 f = fusions[i]
                 if self.explain is not None:
                     self.explain.fused.append(Record(f.kind, (), self._src(eqn), f.note))
-                with source_info_util.user_context(eqn.source_info.traceback,
-                                                   name_stack=eqn.source_info.name_stack):
+                with _user_context(eqn):
                     out = f.run(read, _resolved(self.backend))
                 if f.outvars:
                     for v, o in zip(f.outvars, out):
@@ -369,15 +368,13 @@ class _Interpreter:
                     self._record("replaced", jaxpr.eqns[j],
                                  f"isolated with its elementwise neighbours ({len(c.members)} ops) "
                                  "in one fusion of its own")
-                with source_info_util.user_context(eqn.source_info.traceback,
-                                                   name_stack=eqn.source_info.name_stack):
+                with _user_context(eqn):
                     write(c.output, c.run(read, jaxpr.eqns, _isolate))
                 continue
             if i in inside:
                 continue  # part of a fused pattern; its value is used only inside the pattern
             invals = [read(v) for v in eqn.invars]
-            with source_info_util.user_context(eqn.source_info.traceback,
-                                               name_stack=eqn.source_info.name_stack):
+            with _user_context(eqn):
                 outs = self.eval_eqn(eqn, invals)
             if not eqn.primitive.multiple_results:
                 outs = [outs]
@@ -562,6 +559,12 @@ class _Interpreter:
 
     def _branch(self, br, *ops):
         return list(self.eval_closed(br, *ops))
+
+
+def _user_context(eqn):
+    """Ops traced while evaluating ``eqn`` carry its source line (errors and ``explain`` name it)."""
+    return source_info_util.user_context(eqn.source_info.traceback,
+                                         name_stack=eqn.source_info.name_stack)
 
 
 def _resolved(backend):
