@@ -54,8 +54,8 @@ Reduction order (the product; see also ``pallas_kernels/order.py``)
 Prefill (``attention_fwd_call``) does all of this in one kernel: a split-local state and a total
 state live in registers, merged at split boundaries; blocks and splits outside the q block's union
 of intervals are skipped. Decode (``decode_call``) runs one program per split (its state written to
-HBM), then a second Pallas kernel merges the splits in ascending order with the *same*
-``_merge_states``/``_finalize`` code, so prefill and decode run the same instruction sequence per
+HBM, for the real rows of the q block only), then a second Pallas kernel merges the splits in
+ascending order with the *same* ``_merge_states``/``_finalize`` code, so prefill and decode run the same instruction sequence per
 row (never an XLA merge on one path and a Pallas merge on the other: XLA's and Triton's ``exp``
 differ in bits). Every in-kernel reduction (``max``/``sum`` over the 64 keys of a block, the
 dots) has a fixed shape (a ``[64, Hp]`` q tile in every kernel), and ``gpu_config`` gives one
@@ -132,7 +132,11 @@ def gpu_config(head_dim: int, kernel: str = "prefill", dtype=None) -> tuple[int,
       (B8, cache 576: 64.7 -> 48.9 us), 1.16x at B64, 1.51x at B8 cache 8192. float32 keeps
       4 warps / 1 stage: its f32 FMA-dot kernels take minutes to compile on the GPU, which left
       their check out of run s6-3. At head dim 128 the same change was slower (77 -> 88 us).
-    * q-tile height: a 16-row decode tile was tried in session 5 and again in session 6 (runs
+    * q-tile height, upwards: prefill with 128-row tiles (8 warps, 1 or 2 stages;
+      ``attention_fwd_call(block_q=128, config=...)``) gave the 64-row tile's bits in every case of
+      run s10-2 (``test_gpu_prefill_q_tile_does_not_change_bits``) but was not faster (0.875 vs
+      0.94-1.06 ms at B1 T8192 H128 on the H200), so prefill keeps 64 rows.
+    * q-tile height, downwards: a 16-row decode tile was tried in session 5 and again in session 6 (runs
       s6-1/s6-2, with 1, 2 and 4 warps) and reverted: float32 matched prefill with 1 or 2 warps,
       but bf16/f16 had 1-2 elements in ~25,000 differ with every warp count, so the tensor-core
       dot of a 16-row tile (``mma.sync``) and of a 64-row tile (``wgmma``) are not interchangeable.
@@ -502,39 +506,87 @@ def _check_backend(be):
         raise NotImplementedError(f"backend {be!r}: the TPU attention lowering is not implemented yet")
 
 
-def _row_spec():
-    return pl.BlockSpec((None, BLOCK_Q), lambda b, h, i, *_: (b, i))
+def _row_spec(block_q=BLOCK_Q):
+    return pl.BlockSpec((None, block_q), lambda b, h, i, *_: (b, i))
 
 
-def _qrow_spec(hp):
-    return pl.BlockSpec((None, None, BLOCK_Q, hp), lambda b, h, i, *_: (b, h, i, 0))
+def _qrow_spec(hp, block_q=BLOCK_Q):
+    return pl.BlockSpec((None, None, block_q, hp), lambda b, h, i, *_: (b, h, i, 0))
 
 
 def _kv_full_spec(sp, hp):
     return pl.BlockSpec((None, sp, None, hp), lambda b, h, *_: (b, 0, h, 0))
 
 
-def attention_fwd_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig):
-    """Prefill kernel on prepared operands (see ``prepare``). Returns ``(o [B,K,Rp,Hp], lse [B,K,Rp])``."""
+def attention_fwd_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig, *, block_q: int = BLOCK_Q,
+                       config: tuple[int, int] | None = None):
+    """Prefill kernel on prepared operands (see ``prepare``). Returns ``(o [B,K,Rp,Hp], lse [B,K,Rp])``.
+
+    ``block_q``: rows per program (a multiple of ``BLOCK_Q``; rows are padded to a multiple of it
+    here and the padding sliced off); ``config``: ``(num_warps, num_stages)`` instead of
+    ``gpu_config``'s. Both are GPU tuning knobs for tests and benchmarks: a row's result does not
+    depend on the other rows of its program (see the header)."""
     be = _backend.resolve(cfg.backend)
     _check_backend(be)
     b, kh, rp, hp = qp.shape
     sp = kp.shape[1]
-    return pl.pallas_call(
+    if block_q % BLOCK_Q:
+        raise ValueError(f"block_q must be a multiple of {BLOCK_Q}, got {block_q}")
+    rpp = _round_up(rp, block_q)
+    if rpp != rp:   # padding rows have the empty interval [0, 0): output 0, never read back
+        qp = jnp.pad(qp, ((0, 0), (0, 0), (0, rpp - rp), (0, 0)))
+        lo, hi, kvl = (jnp.pad(a, ((0, 0), (0, rpp - rp))) for a in (lo, hi, kvl))
+    params = _compiler_params(be, hp)
+    if config is not None and be == "gpu":
+        from jax.experimental.pallas import triton as pltriton
+        params = pltriton.CompilerParams(num_warps=config[0], num_stages=config[1])
+    o, lse = pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg),
-        grid=(b, kh, rp // BLOCK_Q),
-        in_specs=[_row_spec(), _row_spec(), _row_spec(), _qrow_spec(hp),
+        grid=(b, kh, rpp // block_q),
+        in_specs=[_row_spec(block_q), _row_spec(block_q), _row_spec(block_q), _qrow_spec(hp, block_q),
                   _kv_full_spec(sp, hp), _kv_full_spec(sp, hp)],
-        out_specs=[_qrow_spec(hp), pl.BlockSpec((None, None, BLOCK_Q), lambda b, h, i: (b, h, i))],
+        out_specs=[_qrow_spec(hp, block_q), pl.BlockSpec((None, None, block_q), lambda b, h, i: (b, h, i))],
         out_shape=[jax.ShapeDtypeStruct(qp.shape, qp.dtype),
-                   jax.ShapeDtypeStruct((b, kh, rp), jnp.float32)],
+                   jax.ShapeDtypeStruct((b, kh, rpp), jnp.float32)],
         interpret=_backend.interpret_arg(be),
-        compiler_params=_compiler_params(be, hp),
+        compiler_params=params,
         name="detjax_attention_fwd",
     )(lo, hi, kvl, qp, kp, vp)
+    if rpp != rp:
+        o, lse = o[:, :, :rp], lse[:, :, :rp]
+    return o, lse
 
 
-def _decode_split_kernel(lo_ref, hi_ref, kvl_ref, q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, *, cfg):
+def _state_rows_mask(rows):
+    """``[64]``: which rows of this program's q block are below ``rows`` (the rows the decode
+    state arrays hold; ``None``: every row)."""
+    if rows is None:
+        return None
+    return pl.program_id(2) * BLOCK_Q + jnp.arange(BLOCK_Q, dtype=jnp.int32) < rows
+
+
+def _store_state(ref, value, mask, gpu):
+    if mask is None or not gpu:   # interpret mode drops the overhanging part of a block itself
+        ref[...] = value
+        return
+    from jax.experimental.pallas import triton as pltriton
+    mask = mask if value.ndim == 1 else mask[:, None]
+    pltriton.store(ref, value, mask=jnp.broadcast_to(mask, value.shape))
+
+
+def _load_state(ref, mask, fill, gpu):
+    if mask is None:
+        return ref[...]
+    mask = mask if len(ref.shape) == 1 else mask[:, None]
+    mask = jnp.broadcast_to(mask, ref.shape)
+    if gpu:   # never reads past the array
+        from jax.experimental.pallas import triton as pltriton
+        return pltriton.load(ref, mask=mask, other=fill)
+    return jnp.where(mask, ref[...], fill)
+
+
+def _decode_split_kernel(lo_ref, hi_ref, kvl_ref, q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, *, cfg,
+                         rows, gpu):
     c = pl.program_id(3)
     lo, hi = lo_ref[...], hi_ref[...]
     kv_len = jnp.max(kvl_ref[...])
@@ -543,16 +595,21 @@ def _decode_split_kernel(lo_ref, hi_ref, kvl_ref, q_ref, k_ref, v_ref, m_ref, l_
     b0 = jnp.maximum(blk_start, c * BLOCKS_PER_SPLIT)
     b1 = jnp.minimum(blk_end, (c + 1) * BLOCKS_PER_SPLIT)
     m, l, acc = _split_state(q, k_ref, v_ref, lo, hi, kv_len, b0, b1, cfg)
-    m_ref[...] = m
-    l_ref[...] = l
-    acc_ref[...] = acc
+    mask = _state_rows_mask(rows)
+    _store_state(m_ref, m, mask, gpu)
+    _store_state(l_ref, l, mask, gpu)
+    _store_state(acc_ref, acc, mask, gpu)
 
 
-def _decode_merge_kernel(m_ref, l_ref, acc_ref, o_ref, *, num_splits):
+def _decode_merge_kernel(m_ref, l_ref, acc_ref, o_ref, *, num_splits, rows, gpu):
     hp = acc_ref.shape[-1]
+    mask = _state_rows_mask(rows)
 
     def body(c, total):
-        return _merge_states(total, (m_ref[c, :], l_ref[c, :], acc_ref[c, :, :]))
+        # rows past ``rows`` (q padding) read the empty state: they finalize to 0, as before
+        part = (_load_state(m_ref.at[c], mask, -jnp.inf, gpu), _load_state(l_ref.at[c], mask, 0.0, gpu),
+                _load_state(acc_ref.at[c], mask, 0.0, gpu))
+        return _merge_states(total, part)
 
     total = lax.fori_loop(0, num_splits, body, _empty_state((BLOCK_Q,), hp))
     out, _ = _finalize(total)
@@ -590,14 +647,25 @@ def decode_value_splits(hp: int, programs: int, dtype, backend: str = "gpu") -> 
     return e
 
 
-def decode_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig):
+def decode_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig, rows: int | None = None):
     """Split-parallel (flash-decoding) forward on prepared operands; bitwise equal to
-    ``attention_fwd_call``'s output. Returns ``o [B, K, Rp, Hp]``."""
+    ``attention_fwd_call``'s output. Returns ``o [B, K, Rp, Hp]``.
+
+    ``rows``: how many packed rows are real (``T * G``; default all ``Rp``). The per-split states
+    (``m``, ``l``, ``acc`` in float32, written by the split kernel and read by the merge kernel)
+    are stored for these rows only: a decode step has ``G`` real rows of the 64 in its q block, and
+    storing all 64 made the state traffic a quarter of the cache's own at 8k keys. Bit-neutral:
+    the real rows' values are the same, and the padding rows read the empty state (output 0)."""
     be = _backend.resolve(cfg.backend)
     _check_backend(be)
+    gpu = be == "gpu"
     b, kh, rp, hp = qp.shape
     sp = kp.shape[1]
     nq = rp // BLOCK_Q
+    r = rp if rows is None else int(rows)
+    if not 0 < r <= rp:
+        raise ValueError(f"rows must lie in (0, {rp}], got {rows}")
+    mrows = None if r == rp else r
     ns = -(-sp // ATTN_SPLIT_K)
     ne = decode_value_splits(hp, b * kh * nq * ns, qp.dtype, be)
     hv = hp // ne
@@ -605,20 +673,20 @@ def decode_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig):
     state_spec = pl.BlockSpec((None, None, None, None, BLOCK_Q), lambda b, h, i, c, e: (b, h, c, e, i))
     acc_spec = pl.BlockSpec((None, None, None, BLOCK_Q, hv), lambda b, h, i, c, e: (b, h, c, i, e))
     m, l, acc = pl.pallas_call(
-        functools.partial(_decode_split_kernel, cfg=cfg),
+        functools.partial(_decode_split_kernel, cfg=cfg, rows=mrows, gpu=gpu),
         grid=(b, kh, nq, ns, ne),
         in_specs=[_row_spec(), _row_spec(), _row_spec(), _qrow_spec(hp), _kv_full_spec(sp, hp),
                   pl.BlockSpec((None, sp, None, hv), lambda b, h, i, c, e: (b, 0, h, e))],
         out_specs=[state_spec, state_spec, acc_spec],
-        out_shape=[jax.ShapeDtypeStruct((b, kh, ns, ne, rp), jnp.float32),
-                   jax.ShapeDtypeStruct((b, kh, ns, ne, rp), jnp.float32),
-                   jax.ShapeDtypeStruct((b, kh, ns, rp, hp), jnp.float32)],
+        out_shape=[jax.ShapeDtypeStruct((b, kh, ns, ne, r), jnp.float32),
+                   jax.ShapeDtypeStruct((b, kh, ns, ne, r), jnp.float32),
+                   jax.ShapeDtypeStruct((b, kh, ns, r, hp), jnp.float32)],
         interpret=_backend.interpret_arg(be),
         compiler_params=_compiler_params(be, hv, "decode", qp.dtype),
         name="detjax_decode_attention_split",
     )(lo, hi, kvl, qp, kp, vp)
     return pl.pallas_call(
-        functools.partial(_decode_merge_kernel, num_splits=ns),
+        functools.partial(_decode_merge_kernel, num_splits=ns, rows=mrows, gpu=gpu),
         grid=(b, kh, nq),
         in_specs=[pl.BlockSpec((None, None, ns, None, BLOCK_Q), lambda b, h, i: (b, h, 0, 0, i)),
                   pl.BlockSpec((None, None, ns, None, BLOCK_Q), lambda b, h, i: (b, h, 0, 0, i)),

@@ -552,3 +552,51 @@ def test_gpu_guarded_fold_equals_plain_fold_head_dims_128_256(dt, h):
     assert_bits_equal(out[0, 505:, :, 10:], full[0, 505:, :, 10:], "columns without non-finite values")
     assert np.all(np.isnan(np.asarray(out[0, 505:, :, 5], np.float32)))
     assert np.all(np.asarray(out[0, 700:, :, 9], np.float32) == np.inf)
+
+
+def _prepared(seed, b, t, s, n, kh, h, dtype, *, qoff=0, ragged=False, causal=True, window=None,
+              cap=None, backend=None):
+    q, k, v = qkv(seed, b, t, s, n, kh, h, dtype)
+    pos = jnp.broadcast_to(jnp.arange(qoff, qoff + t, dtype=jnp.int32), (b, t))
+    lengths = jnp.array([s - 37 * i for i in range(b)] if ragged else [s] * b, jnp.int32)
+    pre = K.prepare(q, k, v, pos, lengths, causal=causal, sliding_window=window)
+    return pre, K.AttnConfig(scale=h ** -0.5, soft_cap=cap,
+                             backend=backend or _backend.chosen_backend())
+
+
+def test_decode_states_for_real_rows_only():
+    """``decode_call(rows=T*G)`` stores the per-split states of the real rows only (the padding
+    rows of the q block read the empty state): the same output bits as storing all rows, across
+    the 1024-key split boundary, with 1 and with 2 q blocks (T*G = 6 and 70)."""
+    for t, n in ((3, 4), (35, 4)):
+        pre, cfg = _prepared(40 + t, 2, t, 1100, n, 2, 64, jnp.bfloat16, qoff=1100 - t, ragged=True)
+        full = K.decode_call(*pre, cfg)
+        trimmed = K.decode_call(*pre, cfg, rows=t * n // 2)
+        assert_bits_equal(trimmed, full, f"T={t}")
+        assert np.all(np.asarray(trimmed, np.float32)[:, :, t * n // 2:] == 0)   # padding rows: 0
+    with pytest.raises(ValueError, match="rows"):
+        K.decode_call(*pre, cfg, rows=0)
+
+
+@pytest.mark.skipif(INTERPRET, reason="Triton's tile layout exists only on the GPU")
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_gpu_prefill_q_tile_does_not_change_bits(dtype):
+    """Prefill with 128-row q tiles (8 warps, 1 or 2 stages) gives the 64-row tile's bits: masks,
+    sliding window + soft-cap + ragged lengths, a chunk of queries late in a long cache, NaN/inf
+    values at valid keys, head dims 64/128/256 (run s10-2: 0 of 32 (case, tile) pairs differ). A
+    row's result does not depend on the other rows of its program; the 128-row tile was not faster
+    (s10-2), so prefill keeps 64 rows."""
+    cases = [dict(b=2, t=1100, s=1100, n=8, kh=2, h=128),
+             dict(b=3, t=700, s=700, n=4, kh=4, h=256, window=100, cap=30.0, ragged=True),
+             dict(b=2, t=65, s=2100, n=8, kh=1, h=64, qoff=2000),
+             dict(b=2, t=300, s=1500, n=2, kh=1, h=128, causal=False)]
+    for i, kw in enumerate(cases):
+        pre, cfg = _prepared(70 + i, dtype=dtype, backend="gpu", **kw)
+        if i == 3:   # NaN and inf values at valid keys
+            vp = pre[2].at[0, 700, 0, 3].set(jnp.nan).at[0, 703, 0, 9].set(jnp.inf)
+            pre = pre[:2] + (vp,) + pre[3:]
+        base = K.attention_fwd_call(*pre, cfg)
+        for config in ((8, 2), (8, 1)):
+            tiled = K.attention_fwd_call(*pre, cfg, block_q=128, config=config)
+            for a, b, what in zip(base, tiled, ("o", "lse")):
+                assert_bits_equal(a, b, f"case {i} {what} q128 {config}")

@@ -157,7 +157,7 @@ def _run(q, k, v, q_positions, kv_lengths, *, cfg, causal, sliding_window, decod
     qp, kp, vp, lo, hi, kvl = _k.prepare(q, k, v, q_positions, kv_lengths, causal=causal,
                                          sliding_window=sliding_window)
     if decode:
-        o = _k.decode_call(qp, kp, vp, lo, hi, kvl, cfg)
+        o = _k.decode_call(qp, kp, vp, lo, hi, kvl, cfg, rows=t * (n // k.shape[2]))
     else:
         o = _core(qp, kp, vp, lo, hi, kvl, cfg)
     return _k.unpack_rows(o, t, n, h)
