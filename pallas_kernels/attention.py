@@ -55,8 +55,8 @@ Prefill (``attention_fwd_call``) does all of this in one kernel: a split-local s
 state live in registers, merged at split boundaries; blocks and splits outside the q block's union
 of intervals are skipped. Decode (``decode_call``) runs one program per split (its state written to
 HBM, for the real rows of the q block only), then a second Pallas kernel merges the splits in
-ascending order with the *same* ``_merge_states``/``_finalize`` code, so prefill and decode run the same instruction sequence per
-row (never an XLA merge on one path and a Pallas merge on the other: XLA's and Triton's ``exp``
+ascending order with the *same* ``_merge_states``/``_finalize`` code, so prefill and decode run the
+same instruction sequence per row (never an XLA merge on one path and a Pallas merge on the other: XLA's and Triton's ``exp``
 differ in bits). Every in-kernel reduction (``max``/``sum`` over the 64 keys of a block, the
 dots) has a fixed shape (a ``[64, Hp]`` q tile in every kernel), and ``gpu_config`` gives one
 Triton configuration per head dim (decode may differ only in warps and pipeline stages, which were
