@@ -28,6 +28,15 @@ the non-reduced dimensions.
   code, in a second Pallas kernel. Query rows never interact: rows of a ``ATTN_BLOCK_Q`` block are
   (token, query head) pairs of one KV head, each with its own absolute position and key interval.
 
+Experimental, opt-in (``detjax.experimental.mosaic_attention``; not used by the models, ``generate``
+or ``deterministic``, so not part of ``KERNELS_VERSION``):
+
+* Mosaic GPU attention (``pallas_kernels/attention_mgpu.py``, Hopper): the same rows and key
+  intervals as the GPU attention, KV blocks of ``MGPU_ATTN_BLOCK_K`` keys anchored at key 0 visited
+  in ascending order, **no splits** (one online softmax per row; decode runs the same kernel), logits
+  in the base-2 domain with ``ex2.approx``, the row sums reduced by Mosaic GPU's fixed per-row tree.
+  Its bits differ from the Triton attention's.
+
 TPU (``pallas_kernels/tpu.py``, backends ``tpu`` and ``tpu-interpret``) keeps the common rule but
 not the GPU's tile shapes, so its bits differ from the GPU's and the CPU interpreter's:
 
@@ -74,3 +83,6 @@ ATTN_BLOCK_Q = 64
 ATTN_SPLIT_K = 1024
 
 assert ATTN_SPLIT_K % ATTN_BLOCK_K == 0
+
+#: KV block of the experimental Mosaic GPU attention (``pallas_kernels/attention_mgpu.py``).
+MGPU_ATTN_BLOCK_K = 64
