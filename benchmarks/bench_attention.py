@@ -1,5 +1,6 @@
 """Attention benchmarks (called from bench_kernels.py --only attn): prefill against
-jax.nn.dot_product_attention ('xla' and 'cudnn'), decode as achieved HBM bandwidth."""
+jax.nn.dot_product_attention ('xla' and 'cudnn'), decode as achieved HBM bandwidth. On a Hopper GPU
+each prefill shape also gets a row for the opt-in Mosaic GPU kernel (detjax.experimental)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from detjax.ops._attention import attention, decode_attention
 
 def run(rows, iters, quick, copy_gbs, device_ms):
     key = jax.random.key(3)
+    from detjax.experimental import mosaic_attention, mosaic_available
+    mosaic_ok = mosaic_available()[0]
     prefill = [(1, 2048, 128, 1), (1, 2048, 256, 4), (8, 2048, 128, 4), (1, 8192, 128, 1)]
     if quick:
         prefill = prefill[:1]
@@ -35,6 +38,11 @@ def run(rows, iters, quick, copy_gbs, device_ms):
         rows.append(dict(kind="attn", name=f"prefill B{b} T{t} H{h} N8 K{kh} vs {best_name}",
                          xla_ms=best, detjax_ms=ours, ratio=best / ours, tflops=flops / ours / 1e9,
                          gbs=0.0, bound="flops"))
+        if mosaic_ok:   # the opt-in Mosaic GPU kernel (detjax.experimental), same baseline
+            ms = device_ms(lambda q, k, v: mosaic_attention(q, k, v), q, k, v, iters=iters)
+            rows.append(dict(kind="attn", name=f"prefill B{b} T{t} H{h} N8 K{kh} mosaic vs {best_name}",
+                             xla_ms=best, detjax_ms=ms, ratio=best / ms, tflops=flops / ms / 1e9,
+                             gbs=0.0, bound="flops"))
     decode = [(1, 8192, 1), (8, 8192, 4), (64, 8192, 4), (8, 32768, 4), (64, 1024, 4)]
     if quick:
         decode = decode[:2]
