@@ -22,6 +22,29 @@ def round_up(x: int, k: int) -> int:
     return (x + k - 1) // k * k
 
 
+def masked_load(ref, mask, gpu, fill=0):
+    """``ref[...]`` with the elements outside ``mask`` (broadcast to the block) read as ``fill``.
+    On the GPU a masked load, which never touches memory past the array (a block may overhang it);
+    in interpret mode (where Pallas pads an overhanging block with its own fill value) a select."""
+    if mask is None:
+        return ref[...]
+    mask = jnp.broadcast_to(mask, ref.shape)
+    if gpu:
+        from jax.experimental.pallas import triton as pltriton
+        return pltriton.load(ref, mask=mask, other=fill)
+    return jnp.where(mask, ref[...], jnp.asarray(fill, ref.dtype))
+
+
+def masked_store(ref, value, mask, gpu):
+    """Store the elements inside ``mask`` (broadcast to the block; on the GPU a masked store;
+    interpret mode drops the part of an overhanging block itself)."""
+    if mask is None or not gpu:
+        ref[...] = value
+        return
+    from jax.experimental.pallas import triton as pltriton
+    pltriton.store(ref, value, mask=jnp.broadcast_to(mask, ref.shape))
+
+
 def acc_dtype_for(dtype):
     """float32 accumulation (float64 for float64 inputs, interpret backend only)."""
     return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32

@@ -56,8 +56,8 @@ state live in registers, merged at split boundaries; blocks and splits outside t
 of intervals are skipped. Decode (``decode_call``) runs one program per split (its state written to
 HBM, for the real rows of the q block only), then a second Pallas kernel merges the splits in
 ascending order with the *same* ``_merge_states``/``_finalize`` code, so prefill and decode run the
-same instruction sequence per row (never an XLA merge on one path and a Pallas merge on the other: XLA's and Triton's ``exp``
-differ in bits). Every in-kernel reduction (``max``/``sum`` over the 64 keys of a block, the
+same instruction sequence per row (never an XLA merge on one path and a Pallas merge on the other:
+XLA's and Triton's ``exp`` differ in bits). Every in-kernel reduction (``max``/``sum`` over the 64 keys of a block, the
 dots) has a fixed shape (a ``[64, Hp]`` q tile in every kernel), and ``gpu_config`` gives one
 Triton configuration per head dim (decode may differ only in warps and pipeline stages, which were
 measured not to change bits), so the reduction trees are the same for every call. Consequently a row's
@@ -88,6 +88,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import backend as _backend
+from pallas_kernels._rows import masked_load, masked_store
 from pallas_kernels.order import ATTN_BLOCK_K, ATTN_BLOCK_Q, ATTN_SPLIT_K
 
 BLOCK_Q = ATTN_BLOCK_Q
@@ -565,26 +566,6 @@ def _state_rows_mask(rows):
     return pl.program_id(2) * BLOCK_Q + jnp.arange(BLOCK_Q, dtype=jnp.int32) < rows
 
 
-def _store_state(ref, value, mask, gpu):
-    if mask is None or not gpu:   # interpret mode drops the overhanging part of a block itself
-        ref[...] = value
-        return
-    from jax.experimental.pallas import triton as pltriton
-    mask = mask if value.ndim == 1 else mask[:, None]
-    pltriton.store(ref, value, mask=jnp.broadcast_to(mask, value.shape))
-
-
-def _load_state(ref, mask, fill, gpu):
-    if mask is None:
-        return ref[...]
-    mask = mask if len(ref.shape) == 1 else mask[:, None]
-    mask = jnp.broadcast_to(mask, ref.shape)
-    if gpu:   # never reads past the array
-        from jax.experimental.pallas import triton as pltriton
-        return pltriton.load(ref, mask=mask, other=fill)
-    return jnp.where(mask, ref[...], fill)
-
-
 def _decode_split_kernel(lo_ref, hi_ref, kvl_ref, q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, *, cfg,
                          rows, gpu):
     c = pl.program_id(3)
@@ -596,19 +577,21 @@ def _decode_split_kernel(lo_ref, hi_ref, kvl_ref, q_ref, k_ref, v_ref, m_ref, l_
     b1 = jnp.minimum(blk_end, (c + 1) * BLOCKS_PER_SPLIT)
     m, l, acc = _split_state(q, k_ref, v_ref, lo, hi, kv_len, b0, b1, cfg)
     mask = _state_rows_mask(rows)
-    _store_state(m_ref, m, mask, gpu)
-    _store_state(l_ref, l, mask, gpu)
-    _store_state(acc_ref, acc, mask, gpu)
+    wide = None if mask is None else mask[:, None]
+    masked_store(m_ref, m, mask, gpu)
+    masked_store(l_ref, l, mask, gpu)
+    masked_store(acc_ref, acc, wide, gpu)
 
 
 def _decode_merge_kernel(m_ref, l_ref, acc_ref, o_ref, *, num_splits, rows, gpu):
     hp = acc_ref.shape[-1]
     mask = _state_rows_mask(rows)
+    wide = None if mask is None else mask[:, None]
 
     def body(c, total):
         # rows past ``rows`` (q padding) read the empty state: they finalize to 0, as before
-        part = (_load_state(m_ref.at[c], mask, -jnp.inf, gpu), _load_state(l_ref.at[c], mask, 0.0, gpu),
-                _load_state(acc_ref.at[c], mask, 0.0, gpu))
+        part = (masked_load(m_ref.at[c], mask, gpu, -jnp.inf), masked_load(l_ref.at[c], mask, gpu, 0.0),
+                masked_load(acc_ref.at[c], wide, gpu, 0.0))
         return _merge_states(total, part)
 
     total = lax.fori_loop(0, num_splits, body, _empty_state((BLOCK_Q,), hp))

@@ -47,6 +47,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import backend as _backend
+from pallas_kernels._rows import masked_load as _masked_rows  # rows/columns past M/N read as 0
+from pallas_kernels._rows import masked_store as _store_rows
 from pallas_kernels._rows import round_up
 from pallas_kernels.order import MATMUL_BLOCK_K
 
@@ -167,30 +169,6 @@ def _col_mask(cols, col_block, block_n):
 
 def _and(m1, m2):
     return m2 if m1 is None else m1 if m2 is None else m1 & m2
-
-
-def _masked_rows(ref, mask, gpu):
-    """``ref[...]`` with the elements outside ``mask`` (broadcast to the block: rows, or columns)
-    read as 0 (a launch's last row or column tile may overhang ``M`` or ``N``: the operands are not
-    padded, see ``matmul_kernel_call``). On the GPU a masked load, which never touches memory past
-    the array; in interpret mode (where Pallas pads an overhanging block with its own fill value) a
-    select."""
-    if mask is None:
-        return ref[...]
-    if gpu:
-        from jax.experimental.pallas import triton as pltriton
-        return pltriton.load(ref, mask=jnp.broadcast_to(mask, ref.shape), other=0)
-    return jnp.where(mask, ref[...], jnp.zeros((), ref.dtype))
-
-
-def _store_rows(ref, value, mask, gpu):
-    """Store the elements inside ``mask`` (rows and/or columns; on the GPU a masked store;
-    interpret mode drops the part of an overhanging block itself)."""
-    if mask is None or not gpu:
-        ref[...] = value
-        return
-    from jax.experimental.pallas import triton as pltriton
-    pltriton.store(ref, value, mask=jnp.broadcast_to(mask, ref.shape))
 
 
 def _matmul_kernel(a_ref, b_ref, *refs, k_tiles, block_k, transpose_b, acc_dtype, precision,
