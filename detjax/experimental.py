@@ -113,14 +113,7 @@ def mosaic_attention(q, k, v, *, causal=True, sliding_window=None, logits_soft_c
     s = k.shape[1]
     causal, sliding_window, logits_soft_cap, scale = _ops._check_options(
         causal, sliding_window, logits_soft_cap, scale, h)
-    if q_positions is None:
-        q_positions = _k.default_q_positions(b, t, s)
-    else:
-        q_positions = _ops._check_int_array(q_positions, "q_positions", (b, t)).astype(jnp.int32)
-    if kv_lengths is None:
-        kv_lengths = jnp.full((b,), s, jnp.int32)
-    else:
-        kv_lengths = _ops._check_lengths(kv_lengths, "kv_lengths", b, s)
+    q_positions, kv_lengths = _ops._positions_and_lengths(q_positions, kv_lengths, b, t, s)
     _require_gpu()
     if t == 0:
         return jnp.zeros(q.shape, q.dtype)
@@ -140,6 +133,6 @@ def mosaic_decode_attention(q, k_cache, v_cache, lengths, *, causal=True, slidin
     _require_gpu()
     if t == 0:
         return jnp.zeros(q.shape, q.dtype)
-    q_positions = lengths[:, None] - t + jnp.arange(t, dtype=jnp.int32)[None, :]
+    q_positions = _ops._decode_positions(lengths, t)
     return _forward(q, k_cache, v_cache, q_positions, lengths.astype(jnp.int32), causal,
                     sliding_window, logits_soft_cap, scale)

@@ -124,6 +124,25 @@ def _check_lengths(x, name, batch, max_len):
     return x.astype(jnp.int32)
 
 
+def _positions_and_lengths(q_positions, kv_lengths, b, t, s):
+    """Checked ``q_positions [B, T]`` and ``kv_lengths [B]`` int32, or their defaults
+    (``arange(T) + S - T`` and ``S``)."""
+    if q_positions is None:
+        q_positions = _k.default_q_positions(b, t, s)
+    else:
+        q_positions = _check_int_array(q_positions, "q_positions", (b, t)).astype(jnp.int32)
+    if kv_lengths is None:
+        kv_lengths = jnp.full((b,), s, jnp.int32)
+    else:
+        kv_lengths = _check_lengths(kv_lengths, "kv_lengths", b, s)
+    return q_positions, kv_lengths
+
+
+def _decode_positions(lengths, t):
+    """Positions of the ``t`` newest tokens of each sequence: ``lengths[b] - t + i``."""
+    return lengths[:, None] - t + jnp.arange(t, dtype=jnp.int32)[None, :]
+
+
 # ----------------------------------------------------------------------------------------------
 # Differentiable core (custom_vjp on the packed operands)
 
@@ -196,14 +215,7 @@ def attention(q, k, v, *, causal=True, sliding_window=None, logits_soft_cap=None
     causal, sliding_window, logits_soft_cap, scale = _check_options(
         causal, sliding_window, logits_soft_cap, scale, h)
     be = _backend.resolve(backend)
-    if q_positions is None:
-        q_positions = _k.default_q_positions(b, t, s)
-    else:
-        q_positions = _check_int_array(q_positions, "q_positions", (b, t)).astype(jnp.int32)
-    if kv_lengths is None:
-        kv_lengths = jnp.full((b,), s, jnp.int32)
-    else:
-        kv_lengths = _check_lengths(kv_lengths, "kv_lengths", b, s)
+    q_positions, kv_lengths = _positions_and_lengths(q_positions, kv_lengths, b, t, s)
     if t == 0:
         return jnp.zeros(q.shape, q.dtype)
     cfg = _k.AttnConfig(scale, logits_soft_cap, be)
@@ -240,7 +252,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, causal=True, sliding_windo
     lengths = _check_lengths(lengths, "lengths", b, max_len)
     if t == 0:
         return jnp.zeros(q.shape, q.dtype)
-    q_positions = lengths[:, None] - t + jnp.arange(t, dtype=jnp.int32)[None, :]
+    q_positions = _decode_positions(lengths, t)
     cfg = _k.AttnConfig(scale, logits_soft_cap, be)
     return _run(q, k_cache, v_cache, q_positions, lengths, cfg=cfg, causal=causal,
                 sliding_window=sliding_window, decode=True)
