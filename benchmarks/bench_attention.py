@@ -1,6 +1,8 @@
 """Attention benchmarks (called from bench_kernels.py --only attn): prefill against
-jax.nn.dot_product_attention ('xla' and 'cudnn'), decode as achieved HBM bandwidth. On a Hopper GPU
-each prefill shape also gets a row for the opt-in Mosaic GPU kernel (detjax.experimental)."""
+jax.nn.dot_product_attention ('xla' and 'cudnn') on the attention issue's shapes (B 1/8, T = S
+2048/8192, head dim 128/256, N = 8, K = 1/4, causal), decode as achieved HBM bandwidth, and one
+training step (forward + backward). On a Hopper GPU each shape also gets a row for the opt-in
+Mosaic GPU kernel (detjax.experimental)."""
 
 from __future__ import annotations
 
@@ -12,11 +14,11 @@ from detjax.ops._attention import attention, decode_attention
 
 def run(rows, iters, quick, copy_gbs, device_ms):
     key = jax.random.key(3)
-    from detjax.experimental import mosaic_attention, mosaic_available
+    from detjax.experimental import mosaic_attention, mosaic_available, mosaic_decode_attention
     mosaic_ok = mosaic_available()[0]
-    prefill = [(1, 2048, 128, 1), (1, 2048, 256, 4), (8, 2048, 128, 4), (1, 8192, 128, 1)]
+    prefill = [(b, t, h, kh) for t in (2048, 8192) for b in (1, 8) for h in (128, 256) for kh in (1, 4)]
     if quick:
-        prefill = prefill[:1]
+        prefill = [(1, 2048, 128, 1)]
     for b, t, h, kh in prefill:
         n = 8
         kq, kk, kv = jax.random.split(jax.random.fold_in(key, t + h + kh), 3)
@@ -66,3 +68,36 @@ def run(rows, iters, quick, copy_gbs, device_ms):
         rows.append(dict(kind="attn", name=f"decode B{b} cache{s} K{kh} H{h}", xla_ms=t_x,
                          detjax_ms=t_d, ratio=t_x / t_d, gbs=gbs, pct_ceiling=100 * gbs / copy_gbs,
                          bound="bytes"))
+        if mosaic_ok:
+            t_m = device_ms(lambda q, kc, vc, l: mosaic_decode_attention(q, kc, vc, l), q, kc, vc,
+                            lengths, iters=iters)
+            gbs = bytes_ / t_m / 1e6
+            rows.append(dict(kind="attn", name=f"decode B{b} cache{s} K{kh} H{h} mosaic", xla_ms=t_x,
+                             detjax_ms=t_m, ratio=t_x / t_m, gbs=gbs,
+                             pct_ceiling=100 * gbs / copy_gbs, bound="bytes"))
+    train(rows, iters, key, device_ms, mosaic_ok)
+
+
+def train(rows, iters, key, device_ms, mosaic_ok):
+    """Forward + backward (grads of q, k, v) of causal attention, against cuDNN's."""
+    from detjax.experimental import mosaic_attention
+    b, t, n, h, kh = 1, 2048, 8, 128, 4
+    kq, kk, kv, kw = jax.random.split(jax.random.fold_in(key, 77), 4)
+    q = jax.random.normal(kq, (b, t, n, h), jnp.bfloat16)
+    k = jax.random.normal(kk, (b, t, kh, h), jnp.bfloat16)
+    v = jax.random.normal(kv, (b, t, kh, h), jnp.bfloat16)
+    w = jax.random.normal(kw, (b, t, n, h), jnp.float32)
+
+    def grad_of(fn):
+        return jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * w), argnums=(0, 1, 2))
+
+    t_c = device_ms(grad_of(lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, implementation="cudnn")), q, k, v, iters=iters)
+    flops = 4 * b * n * t * t * h / 2 * 3.5    # forward + backward (2.5x the forward's dots)
+    cases = [("detjax", lambda q, k, v: attention(q, k, v, causal=True))]
+    if mosaic_ok:
+        cases.append(("mosaic", lambda q, k, v: mosaic_attention(q, k, v)))
+    for name, fn in cases:
+        ms = device_ms(grad_of(fn), q, k, v, iters=iters)
+        rows.append(dict(kind="attn", name=f"fwd+bwd B{b} T{t} H{h} K{kh} {name} vs cudnn", xla_ms=t_c,
+                         detjax_ms=ms, ratio=t_c / ms, tflops=flops / ms / 1e9, gbs=0.0, bound="flops"))

@@ -9,10 +9,11 @@ query row give the same bits (decode runs the same kernel), whatever the batch, 
 or ``max_len``.
 
 Same arguments and mask semantics as ``detjax.ops.attention`` / ``decode_attention``, with these
-limits, each a clear error: bfloat16/float16 only, head_dim <= 256, forward only (differentiating
-raises), a GPU that runs Mosaic GPU kernels (compute capability >= 9.0). Keys outside a row's
-interval inside a visited 64-key block must be finite (a zero-initialised cache is): see the
-kernel file.
+limits, each a clear error: bfloat16/float16 only, head_dim <= 256, a GPU that runs Mosaic GPU
+kernels (compute capability >= 9.0). Values outside a row's interval inside a visited KV block
+must be finite (a zero-initialised cache is): see the kernel file. Differentiable: the gradients
+come from the Triton path's deterministic backward kernels fed this kernel's log-sum-exp
+(``triton_backward``), so they are run-to-run deterministic and batch-invariant.
 """
 
 from __future__ import annotations
@@ -62,51 +63,64 @@ def _require_gpu():
                                   "detjax.ops.attention runs everywhere.")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _forward(q, k, v, q_positions, kv_lengths, causal, sliding_window, soft_cap, scale):
-    return _packed_forward(q, k, v, q_positions, kv_lengths, causal=causal,
-                           sliding_window=sliding_window, soft_cap=soft_cap, scale=scale)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _forward(q, k, v, q_positions, kv_lengths, causal, sliding_window, soft_cap, scale, layout):
+    return _jit_forward(q, k, v, q_positions, kv_lengths, causal=causal,
+                        sliding_window=sliding_window, soft_cap=soft_cap, scale=scale, layout=layout)[0]
 
 
-def _forward_fwd(q, k, v, q_positions, kv_lengths, causal, sliding_window, soft_cap, scale):
-    return _forward(q, k, v, q_positions, kv_lengths, causal, sliding_window, soft_cap, scale), None
+def _forward_fwd(q, k, v, q_positions, kv_lengths, causal, sliding_window, soft_cap, scale, layout):
+    o, lse = _jit_forward(q, k, v, q_positions, kv_lengths, causal=causal,
+                          sliding_window=sliding_window, soft_cap=soft_cap, scale=scale, layout=layout)
+    return o, (q, k, v, q_positions, kv_lengths, o, lse)
 
 
-def _forward_bwd(causal, sliding_window, soft_cap, scale, res, g):
-    raise NotImplementedError("detjax.experimental.mosaic_attention is forward-only; "
-                              "differentiate detjax.ops.attention instead")
+def _forward_bwd(causal, sliding_window, soft_cap, scale, layout, res, g):
+    q, k, v, q_positions, kv_lengths, o, lse = res
+    dq, dk, dv = triton_backward(q, k, v, q_positions, kv_lengths, o, lse, g, causal=causal,
+                                 sliding_window=sliding_window, soft_cap=soft_cap, scale=scale)
+    return dq, dk, dv, None, None
 
 
 _forward.defvjp(_forward_fwd, _forward_bwd)
 
+_jit_forward = jax.jit(_m.forward, static_argnames=("causal", "sliding_window", "soft_cap", "scale",
+                                                    "layout"))
 
-@functools.partial(jax.jit, static_argnames=("causal", "sliding_window", "soft_cap", "scale"))
-def _packed_forward(q, k, v, q_positions, kv_lengths, *, causal, sliding_window, soft_cap, scale):
-    """Pack rows with the Triton path's own ``prepare`` (same rows, intervals and padding), pad the
-    rows to the kernel's 128-row CTAs, run the kernel, unpack. Traceable on any platform (the
-    tests lower it for CUDA on a CPU machine)."""
+
+@functools.partial(jax.jit, static_argnames=("causal", "sliding_window", "soft_cap", "scale", "backend"))
+def triton_backward(q, k, v, q_positions, kv_lengths, o, lse, do, *, causal, sliding_window,
+                    soft_cap, scale, backend="gpu"):
+    """Gradients ``(dq, dk, dv)`` (public layout) of attention with output ``o [B, T, N, H]`` and
+    natural log-sum-exp ``lse [B, T, N]``, by the Triton path's deterministic backward kernels
+    (``attention_bwd_call``: recomputed probabilities ``exp(s - lse)``, fixed loop orders, no
+    atomics). The Mosaic forward's ``lse`` comes from base-2 exponentials, so the recomputed
+    probabilities agree with the forward's to float32 rounding, not bitwise; the gradients are
+    deterministic run to run and batch-invariant (every kernel works row by row / KV block by KV
+    block in a fixed order)."""
     b, t, n, h = q.shape
-    kh = k.shape[2]
-    qp, kp, vp, lo, hi, _ = _k.prepare(q, k, v, q_positions, kv_lengths, causal=causal,
-                                       sliding_window=sliding_window)
-    hp = qp.shape[-1]
-    hm = -(-hp // 64) * 64      # wgmma tiles: head dim a multiple of 64 (zero columns are exact)
-    rp = qp.shape[2]
-    rpp = -(-rp // _m.CTA_ROWS) * _m.CTA_ROWS
-    qp = jnp.pad(qp, ((0, 0), (0, 0), (0, rpp - rp), (0, hm - hp)))
-    kp, vp = (jnp.pad(a, ((0, 0), (0, 0), (0, 0), (0, hm - hp))) if hm != hp else a for a in (kp, vp))
-    lo, hi = (jnp.broadcast_to(jnp.pad(a, ((0, 0), (0, rpp - rp)))[:, None], (b, kh, rpp))
-              for a in (lo, hi))
-    o = _m.mosaic_attention_call(qp, kp, vp, lo, hi, scale=scale, soft_cap=soft_cap)
-    return _k.unpack_rows(o[:, :, :rp, :hp], t, n, h)
+    s, kh = k.shape[1], k.shape[2]
+    g = n // kh
+    qp, kp, vp, lo, hi, kvl = _k.prepare(q, k, v, q_positions, kv_lengths, causal=causal,
+                                         sliding_window=sliding_window)
+    hp, rp = qp.shape[-1], qp.shape[2]
+    op, dop = (_k.pack_rows(a, kh, hp) for a in (o, do.astype(o.dtype)))
+    lsep = lse.reshape(b, t, kh, g).transpose(0, 2, 1, 3).reshape(b, kh, t * g)
+    lsep = jnp.pad(lsep, ((0, 0), (0, 0), (0, rp - t * g)))
+    cfg = _k.AttnConfig(scale, soft_cap, backend)
+    dq, dk, dv = _k.attention_bwd_call(qp, kp, vp, lo, hi, kvl, op, lsep, dop, cfg)
+    return _k.unpack_rows(dq, t, n, h), dk[:, :s, :, :h], dv[:, :s, :, :h]
 
 
 def mosaic_attention(q, k, v, *, causal=True, sliding_window=None, logits_soft_cap=None, scale=None,
-                     q_positions=None, kv_lengths=None):
-    """Batch-invariant attention through the Mosaic GPU kernel (forward only; see the module doc).
+                     q_positions=None, kv_lengths=None, layout=None):
+    """Batch-invariant attention through the Mosaic GPU kernel (see the module doc).
 
-    Arguments as ``detjax.ops.attention`` (no ``backend``: this runs on a Hopper GPU only).
-    Returns ``[B, T, N, H]`` in ``q``'s dtype; rows with no valid key are exactly 0.
+    Arguments as ``detjax.ops.attention`` (no ``backend``: this runs on a Hopper GPU only), plus
+    ``layout`` (``'tokens'``, ``'packed'`` or None: how rows are grouped into CTAs; a speed knob that
+    does not change the bits). Returns ``[B, T, N, H]`` in ``q``'s dtype; rows with no valid key
+    are exactly 0. Differentiable: the backward pass is the Triton path's deterministic one
+    (``triton_backward``).
     """
     q, k, v = _check(q, k, v, ("q", "k", "v"))
     b, t, n, h = q.shape
@@ -114,10 +128,13 @@ def mosaic_attention(q, k, v, *, causal=True, sliding_window=None, logits_soft_c
     causal, sliding_window, logits_soft_cap, scale = _ops._check_options(
         causal, sliding_window, logits_soft_cap, scale, h)
     q_positions, kv_lengths = _ops._positions_and_lengths(q_positions, kv_lengths, b, t, s)
+    if layout not in (None,) + _m.LAYOUTS:
+        raise ValueError(f"layout must be one of {_m.LAYOUTS} or None; got {layout!r}")
     _require_gpu()
     if t == 0:
         return jnp.zeros(q.shape, q.dtype)
-    return _forward(q, k, v, q_positions, kv_lengths, causal, sliding_window, logits_soft_cap, scale)
+    return _forward(q, k, v, q_positions, kv_lengths, causal, sliding_window, logits_soft_cap, scale,
+                    layout)
 
 
 def mosaic_decode_attention(q, k_cache, v_cache, lengths, *, causal=True, sliding_window=None,
@@ -135,4 +152,4 @@ def mosaic_decode_attention(q, k_cache, v_cache, lengths, *, causal=True, slidin
         return jnp.zeros(q.shape, q.dtype)
     q_positions = _ops._decode_positions(lengths, t)
     return _forward(q, k_cache, v_cache, q_positions, lengths.astype(jnp.int32), causal,
-                    sliding_window, logits_soft_cap, scale)
+                    sliding_window, logits_soft_cap, scale, "packed")

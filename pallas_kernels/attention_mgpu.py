@@ -3,41 +3,58 @@
 EXPERIMENTAL and opt-in (``detjax.experimental.mosaic_attention``): its reduction order is not
 the Triton kernels' (``pallas_kernels/attention.py``), so its bits differ from ``detjax.ops.attention``;
 within this module prefill, chunked prefill and decode give the same bits (decode runs the same
-kernel). Forward only; bf16/f16; head dims up to 256; GPU with Mosaic GPU support (sm_90+).
+kernel), whatever the batch, the other rows, the layout or ``max_len``. bf16/f16; head dims up to
+256; GPU with Mosaic GPU support (sm_90+). Differentiable through ``detjax.experimental`` (the
+backward pass is the Triton path's deterministic backward, fed this kernel's log-sum-exp).
 
 The kernel is jax's ``jax.experimental.pallas.ops.gpu.attention_mgpu`` forward (two compute
 warpgroups of 64 rows each, one memory warpgroup streaming K/V blocks through a 2-slot TMA
-pipeline, ``approx_math``), changed to detjax's row semantics: the rows are detjax's packed
-(token, query head) rows of one KV head (``attention.prepare``), every row carries its own key
-interval ``[lo, hi)`` (causal by absolute positions, sliding windows, lengths: ``row_bounds``), and
-each CTA of 128 rows walks the union of its rows' KV blocks.
+pipeline, ``approx_math``), changed to detjax's row semantics: every row carries its own key
+interval ``[lo, hi)`` (causal by absolute positions, sliding windows, lengths: the Triton path's
+``row_bounds``), and each CTA of 128 rows walks the union of its rows' KV blocks.
+
+Two layouts of rows, one per-row arithmetic
+-------------------------------------------
+* ``'tokens'`` (prefill, ``T >= 128``): a CTA's rows are 128 consecutive tokens of one query head,
+  read from and written to ``[B, T, N, H]`` in place (no packing passes).
+* ``'packed'`` (decode, short chunks): a CTA's rows are the Triton path's packed (token, query head)
+  rows of one KV head (row ``t * G + g``), so a decode step's ``G`` heads share one CTA.
+
+A row's result does not depend on which rows share its CTA: the dots are wgmma tiles whose rows
+never interact, every reduction is per row, and a block outside a row's interval is an exact
+no-op for that row. So the layout is a speed choice, not a bit choice
+(``test_gpu_layouts_give_the_same_bits``).
 
 Reduction order (see also ``pallas_kernels/order.py``)
 ----------------------------------------------------
-* KV blocks of ``MGPU_ATTN_BLOCK_K`` (= 64) keys on an absolute grid anchored at key 0 (block
-  ``j`` = keys ``[64 j, 64 j + 64)``), visited in ascending ``j``; **no splits** (one online
-  softmax per row over all its blocks, prefill and decode alike).
+* KV blocks of ``block_k(head_dim)`` keys (``MGPU_ATTN_BLOCK_K_NARROW`` = 128 for head dims
+  <= 128, ``MGPU_ATTN_BLOCK_K`` = 64 above: the 256-wide K/V tiles of two pipeline slots fill the
+  shared memory) on an absolute grid anchored at key 0 (block ``j`` = keys ``[b j, b j + b)``),
+  visited in ascending ``j``; **no splits** (one online softmax per row over all its blocks,
+  prefill and decode alike).
 * Per block, for a row: ``s = q . k`` (wgmma, f32 accumulation over the head dim in k-steps of 16),
-  ``s = s * (scale * log2 e)`` (with a soft cap ``c``: ``(c log2 e) * tanh(s * scale / c)``), ``-inf``
-  outside the row's interval; ``m' = max(m, rowmax(s))``; ``m_use = m'`` (0 while ``m'`` is
-  ``-inf``); ``alpha = 2^(m - m_use)``, ``p = 2^(s - m_use)`` (``ex2.approx``); ``acc = acc * alpha``;
-  ``l = l * alpha + rowsum(p)`` (Mosaic GPU's reduction of the 64 keys of the row: the same
-  instruction sequence for every row); ``acc = acc + p.astype(dtype) @ v`` (wgmma accumulating into
-  ``acc``). ``out = acc / l``, exactly 0 for a row with no valid key.
+  ``s = s * (scale * log2 e)`` (with a soft cap ``c``: ``(c log2 e) * tanh(s * scale / c)``);
+  ``m' = max(m, max over the row's valid keys of s)``; ``m_use = m'`` (0 while ``m'`` is
+  ``-inf``); ``alpha = 2^(m - m_use)``, ``p = 2^(s - m_use)`` (``ex2.approx``), set to 0 at keys
+  outside the row's interval; ``acc = acc * alpha``; ``l = l * alpha + rowsum(p)`` (Mosaic GPU's
+  reduction of the block's keys of the row: the same instruction sequence for every row);
+  ``acc = acc + p.astype(dtype) @ v`` (wgmma accumulating into ``acc``). ``out = acc / l``,
+  exactly 0 for a row with no valid key; ``lse = m ln 2 + ln l`` (natural log; ``-inf`` when
+  empty) for the backward pass.
+* The mask is applied *after* ``s`` and ``p`` are computed (to the max's input and to ``p``), so
+  the arithmetic chain ``s -> s - m_use -> 2^.`` is the same whether a block is masked or not;
+  blocks valid for every row of a CTA skip the mask (``block_ranges``' full range). Which blocks a
+  CTA masks depends on its other rows, so this is what keeps the layouts and decode = prefill
+  bitwise (checked on the GPU: ``test_gpu_decode_equals_prefill``, ``test_gpu_layouts_give_the_same_bits``).
 * A block with no valid key for a row changes nothing in that row for finite values
   (``alpha = 1``, ``p = 0``), so the union of intervals a CTA walks, and therefore the batch, the
   other rows and the cache's ``max_len``, never changes a row's bits.
 
-Not covered (use ``detjax.ops.attention``): gradients; float32; non-finite values in a visited
-block outside a row's interval (a NaN/inf past a sequence's length in the cache's last visited block
-reaches the row as ``0 * NaN``: keep caches finite, e.g. zero-initialised); splits for long-cache
-decode at small batch (one CTA walks the whole cache: B8 8k keys is 2.2x slower than the split
-Triton decode, run s10-6).
-
-GPU evidence (H100, runs s10-6/s10-7 in ``results/``, the kernel below as run there): accuracy
-against float64 equal to the Triton kernel's (bf16: 0.0097 causal, 0.0084 window + soft cap +
-lengths); batch invariance; decode through this kernel = prefill bitwise (6/6 positions across
-block boundaries); prefill at 0.59-0.80x cuDNN (Triton kernel: 0.18-0.32x).
+Not covered (use ``detjax.ops.attention``): float32; non-finite *values* in a visited block
+outside a row's interval (a NaN/inf value past a sequence's length in the cache's last visited
+block reaches the row as ``0 * NaN`` in ``p @ v``: keep caches finite, e.g. zero-initialised;
+non-finite *keys* there are harmless); splits for long-cache decode at small batch (one CTA walks
+the whole cache: B8 8k keys is 2.2x slower than the split Triton decode, run s10-6).
 """
 
 from __future__ import annotations
@@ -50,47 +67,96 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.order import MGPU_ATTN_BLOCK_K  # 64 keys; 128 was faster at head dim <= 128
-# (0.64-0.84x cuDNN in run s10-7, batch-invariant) but its decode = prefill was not checked on the GPU
+from pallas_kernels.attention import row_bounds
+from pallas_kernels.order import MGPU_ATTN_BLOCK_K, MGPU_ATTN_BLOCK_K_NARROW
 
 BLOCK_Q = 64          # rows per compute warpgroup; a CTA has two
 CTA_ROWS = 2 * BLOCK_Q
 MAX_HEAD_DIM = 256    # q, k and v slots of a [64, 256] tile fill 193 KB of the 227 KB of SMEM
+LAYOUTS = ("tokens", "packed")
+_BIG = 2 ** 30
+_LN2 = math.log(2.0)
 
 
-def block_ranges(lo, hi, block_kv=MGPU_ATTN_BLOCK_K):
-    """``[B, K, Rp/128, 2]`` int32: the KV blocks ``[start, end)`` touched by any row of each CTA of
-    128 rows (empty: ``[0, 0)``)."""
-    b, kh, rp = lo.shape
-    lo = lo.reshape(b, kh, rp // CTA_ROWS, CTA_ROWS)
-    hi = hi.reshape(b, kh, rp // CTA_ROWS, CTA_ROWS)
+def block_k(head_dim: int) -> int:
+    """KV block of the kernel for this head dim (a multiple of 64): part of the reduction order."""
+    return MGPU_ATTN_BLOCK_K_NARROW if head_dim <= 128 else MGPU_ATTN_BLOCK_K
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """wgmma tiles take head dims in multiples of 64 (zero columns are exact)."""
+    return -(-head_dim // 64) * 64
+
+
+def default_layout(t: int) -> str:
+    return "tokens" if t >= CTA_ROWS else "packed"
+
+
+def block_ranges(lo, hi, real_rows: int, block_kv: int):
+    """``[..., R/128, 4]`` int32 per CTA of 128 rows (``lo, hi: [..., R]``): ``[start, end)``, the
+    KV blocks touched by any row (empty: ``[0, 0)``), and ``[full_start, full_end)`` inside it, the
+    blocks valid for every one of the CTA's first ``real_rows``-limited rows (rows at index
+    ``>= real_rows`` are padding whose output is discarded: they never restrict the full range).
+    The full range is empty when some real row has an empty interval."""
+    *lead, r = lo.shape
+    shape = (*lead, r // CTA_ROWS, CTA_ROWS)
+    lo, hi = lo.reshape(shape), hi.reshape(shape)
+    real = (jnp.arange(r, dtype=jnp.int32) < real_rows).reshape(r // CTA_ROWS, CTA_ROWS)
     ne = hi > lo
-    start = jnp.min(jnp.where(ne, lo, 2 ** 30), axis=-1) // block_kv
+    start = jnp.min(jnp.where(ne, lo, _BIG), axis=-1) // block_kv
     end = (jnp.max(jnp.where(ne, hi, 0), axis=-1) + block_kv - 1) // block_kv
     start = jnp.where(end > 0, start, 0)
-    return jnp.stack([start, jnp.maximum(end, start)], axis=-1).astype(jnp.int32)
+    end = jnp.maximum(end, start)
+    all_ne = jnp.all(ne | ~real, axis=-1) & jnp.any(real, axis=-1)
+    fs = (jnp.max(jnp.where(real, lo, 0), axis=-1) + block_kv - 1) // block_kv
+    fe = jnp.min(jnp.where(real, hi, _BIG), axis=-1) // block_kv
+    fs = jnp.clip(fs, start, end)
+    fe = jnp.where(all_ne, jnp.clip(fe, fs, end), fs)
+    return jnp.stack([start, end, fs, fe], axis=-1).astype(jnp.int32)
 
 
-def mosaic_attention_call(qp, k, v, lo, hi, *, scale, soft_cap=None, block_kv=MGPU_ATTN_BLOCK_K,
+def mosaic_attention_call(q, k, v, lo, hi, rng, *, layout, scale, soft_cap=None, block_kv=None,
                           steps=2):
-    """The kernel on packed operands: ``qp [B, K, Rp, H]`` packed rows (``Rp`` a multiple of 128,
-    ``H`` a multiple of 64), ``k, v [B, S, K, H]`` (``S`` a multiple of ``block_kv``), ``lo, hi
-    [B, K, Rp]`` int32 row intervals. Returns ``o [B, K, Rp, H]`` in ``qp``'s dtype."""
-    b, kh, rp, h = qp.shape
-    dtype = qp.dtype
-    assert rp % CTA_ROWS == 0 and k.shape[1] % block_kv == 0 and h % 64 == 0
-    rng = block_ranges(lo, hi, block_kv)
+    """The kernel on prepared operands. Returns ``(o, lse)``, ``o`` like ``q``, ``lse`` float32.
+
+    * ``layout='tokens'``: ``q [B, Tp, N, H]`` (``Tp`` a multiple of 128), ``lo, hi [B, Tp]``,
+      ``rng [B, Tp/128, 4]``; ``lse [B, N, Tp]``.
+    * ``layout='packed'``: ``q [B, K, Rp, H]`` packed rows (``Rp`` a multiple of 128),
+      ``lo, hi [B, Rp]``, ``rng [B, Rp/128, 4]``; ``lse [B, K, Rp]``.
+
+    ``k, v [B, S, K, H]`` with ``S`` a multiple of ``block_kv`` (default ``block_k(H)``) and ``H`` a
+    multiple of 64; ``rng`` from ``block_ranges``."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")
+    h = q.shape[-1]
+    block_kv = block_k(h) if block_kv is None else block_kv
+    if layout == "tokens":
+        b, rows, heads, _ = q.shape
+        group = heads // k.shape[2]
+    else:
+        b, heads, rows, _ = q.shape
+        group = 1
+    dtype = q.dtype
+    assert rows % CTA_ROWS == 0 and k.shape[1] % block_kv == 0 and h % 64 == 0, (q.shape, k.shape)
     log2e = math.log2(math.e)
 
-    def kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, rng_ref, out_ref, scoped):
+    def q_slice(ref, bi, hd, row0):
+        if layout == "tokens":
+            return ref.at[bi, pl.ds(row0, BLOCK_Q), hd]
+        return ref.at[bi, hd, pl.ds(row0, BLOCK_Q)]
+
+    def kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, rng_ref, out_ref, lse_ref, scoped):
         bi = lax.axis_index("batch")
         hd = lax.axis_index("heads")
         qi = lax.axis_index("q_seq")
         wg = lax.axis_index("wg")
-        (qo_smem2, k_smem, v_smem, lo_smem2, hi_smem2), (k_bar, v_bar, q_bar, lo_bar, hi_bar), \
-            (k_used, v_used), sched = scoped
-        blk0 = rng_ref[bi, hd, qi, 0]
-        nsteps = rng_ref[bi, hd, qi, 1] - blk0
+        kvh = lax.div(hd, jnp.array(group, hd.dtype)) if group > 1 else hd
+        (qo_smem2, k_smem, v_smem, lo_smem2, hi_smem2, lse_smem2), \
+            (k_bar, v_bar, q_bar, lo_bar, hi_bar), (k_used, v_used), sched = scoped
+        blk0 = rng_ref[bi, qi, 0]
+        nsteps = rng_ref[bi, qi, 1] - blk0
+        full0 = rng_ref[bi, qi, 2] - blk0
+        full1 = rng_ref[bi, qi, 3] - blk0
 
         def sched_barrier():
             plgpu.barrier_arrive(sched)
@@ -100,17 +166,16 @@ def mosaic_attention_call(qp, k, v, lo, hi, *, scale, soft_cap=None, block_kv=MG
         def _compute():
             plgpu.set_max_registers(232, action="increase")
             qo_smem, lo_smem, hi_smem = qo_smem2.at[wg], lo_smem2.at[wg], hi_smem2.at[wg]
+            lse_smem = lse_smem2.at[wg]
             row0 = qi * CTA_ROWS + wg * BLOCK_Q
-            plgpu.copy_gmem_to_smem(q_ref.at[bi, hd, pl.ds(row0, BLOCK_Q)], qo_smem, q_bar.at[wg])
-            plgpu.copy_gmem_to_smem(lo_ref.at[bi, hd, pl.ds(row0, BLOCK_Q)], lo_smem, lo_bar.at[wg])
-            plgpu.copy_gmem_to_smem(hi_ref.at[bi, hd, pl.ds(row0, BLOCK_Q)], hi_smem, hi_bar.at[wg])
+            plgpu.copy_gmem_to_smem(q_slice(q_ref, bi, hd, row0), qo_smem, q_bar.at[wg])
+            plgpu.copy_gmem_to_smem(lo_ref.at[bi, pl.ds(row0, BLOCK_Q)], lo_smem, lo_bar.at[wg])
+            plgpu.copy_gmem_to_smem(hi_ref.at[bi, pl.ds(row0, BLOCK_Q)], hi_smem, hi_bar.at[wg])
             plgpu.barrier_wait(q_bar.at[wg])
             plgpu.barrier_wait(lo_bar.at[wg])
             plgpu.barrier_wait(hi_bar.at[wg])
             row_lo = plgpu.load(lo_smem, layout=plgpu.Layout.WGMMA.reduce(1))
             row_hi = plgpu.load(hi_smem, layout=plgpu.Layout.WGMMA.reduce(1))
-            lo_b = lax.broadcast_in_dim(row_lo, (BLOCK_Q, block_kv), [0])
-            hi_b = lax.broadcast_in_dim(row_hi, (BLOCK_Q, block_kv), [0])
             m_i = plgpu.layout_cast(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32),
                                     plgpu.Layout.WGMMA.reduce(1))
             l_i = plgpu.layout_cast(jnp.full((BLOCK_Q,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
@@ -122,7 +187,7 @@ def mosaic_attention_call(qp, k, v, lo, hi, *, scale, soft_cap=None, block_kv=MG
 
             pl.when(wg == 1)(sched_barrier)
 
-            def kv_loop(step, carry):
+            def kv_loop(step, carry, masked):
                 acc, m_i, l_i = carry
                 slot = lax.rem(step, jnp.array(steps, step.dtype))
 
@@ -137,14 +202,21 @@ def mosaic_attention_call(qp, k, v, lo, hi, *, scale, soft_cap=None, block_kv=MG
                     s = s * (scale * log2e)          # logits in the log2 domain
                 else:
                     s = (soft_cap * log2e) * jnp.tanh(s * (scale / soft_cap))
-                kidx = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, block_kv), 1,
-                                              layout=plgpu.Layout.WGMMA) + (blk0 + step) * block_kv
-                valid = (kidx >= lo_b) & (kidx < hi_b)
-                s = jnp.where(valid, s, -jnp.inf)
-                m_new = jnp.maximum(m_i, s.max(axis=1))
+                if masked:   # the mask never sits inside the s -> p chain (see the header)
+                    base = (blk0 + step) * block_kv
+                    kidx = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, block_kv), 1,
+                                                  layout=plgpu.Layout.WGMMA)
+                    valid = ((kidx >= lax.broadcast_in_dim(row_lo - base, s.shape, [0]))
+                             & (kidx < lax.broadcast_in_dim(row_hi - base, s.shape, [0])))
+                    s_max = jnp.where(valid, s, -jnp.inf).max(axis=1)
+                else:
+                    s_max = s.max(axis=1)
+                m_new = jnp.maximum(m_i, s_max)
                 m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
                 alpha = jnp.exp2(m_i - m_use)
                 p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
+                if masked:
+                    p = jnp.where(valid, p, 0.0)
                 acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
                 l_i = l_i * alpha + p.sum(axis=1)
                 p16 = p.astype(dtype)
@@ -164,13 +236,19 @@ def mosaic_attention_call(qp, k, v, lo, hi, *, scale, soft_cap=None, block_kv=MG
                 plgpu.barrier_arrive(v_used.at[slot])
                 return acc, m_new, l_i
 
-            acc, m_i, l_i = lax.fori_loop(0, nsteps, kv_loop, (acc, m_i, l_i))
+            carry = (acc, m_i, l_i)
+            carry = lax.fori_loop(0, full0, lambda j, c: kv_loop(j, c, True), carry)
+            carry = lax.fori_loop(full0, full1, lambda j, c: kv_loop(j, c, False), carry)
+            acc, m_i, l_i = lax.fori_loop(full1, nsteps, lambda j, c: kv_loop(j, c, True), carry)
             pl.when(wg == 0)(sched_barrier)
-            l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
+            empty = l_i == 0.0
+            l_safe = jnp.where(empty, 1.0, l_i)
+            lse_smem[...] = jnp.where(empty, -jnp.inf, m_i * _LN2 + jnp.log(l_safe))
             acc /= lax.broadcast_in_dim(l_safe, (BLOCK_Q, h), [0])
             qo_smem[...] = acc.astype(dtype)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[bi, hd, pl.ds(row0, BLOCK_Q)])
+            plgpu.copy_smem_to_gmem(qo_smem, q_slice(out_ref, bi, hd, row0))
+            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, hd, pl.ds(row0, BLOCK_Q)])
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == 2)
@@ -179,7 +257,7 @@ def mosaic_attention_call(qp, k, v, lo, hi, *, scale, soft_cap=None, block_kv=MG
             for i in range(steps):
                 @pl.when(i < nsteps)
                 def _(i=i):
-                    sl = (bi, pl.ds((blk0 + i) * block_kv, block_kv), hd)
+                    sl = (bi, pl.ds((blk0 + i) * block_kv, block_kv), kvh)
                     plgpu.copy_gmem_to_smem(k_ref.at[sl], k_smem.at[i], k_bar.at[i])
                     plgpu.copy_gmem_to_smem(v_ref.at[sl], v_smem.at[i], v_bar.at[i])
 
@@ -187,22 +265,23 @@ def mosaic_attention_call(qp, k, v, lo, hi, *, scale, soft_cap=None, block_kv=MG
             def _(step):
                 tma_step = step + steps
                 slot = lax.rem(step, jnp.array(steps, step.dtype))
-                sl = (bi, pl.ds((blk0 + tma_step) * block_kv, block_kv), hd)
+                sl = (bi, pl.ds((blk0 + tma_step) * block_kv, block_kv), kvh)
                 plgpu.barrier_wait(k_used.at[slot])
                 plgpu.copy_gmem_to_smem(k_ref.at[sl], k_smem.at[slot], k_bar.at[slot])
                 plgpu.barrier_wait(v_used.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[sl], v_smem.at[slot], v_bar.at[slot])
 
-    def entry(q_ref, k_ref, v_ref, lo_ref, hi_ref, rng_ref, out_ref):
+    def entry(q_ref, k_ref, v_ref, lo_ref, hi_ref, rng_ref, out_ref, lse_ref):
         tiling = plgpu.TilingTransform((8, 64))
         swizzle = plgpu.SwizzleTransform(128)
         smem = (plgpu.SMEM((2, BLOCK_Q, h), dtype, transforms=(tiling, swizzle)),
                 plgpu.SMEM((steps, block_kv, h), dtype, transforms=(tiling, swizzle)),
                 plgpu.SMEM((steps, block_kv, h), dtype, transforms=(tiling, swizzle)),
                 plgpu.SMEM((2, BLOCK_Q), jnp.int32),
-                plgpu.SMEM((2, BLOCK_Q), jnp.int32))
+                plgpu.SMEM((2, BLOCK_Q), jnp.int32),
+                plgpu.SMEM((2, BLOCK_Q), jnp.float32))
         pl.run_scoped(
-            lambda *args: kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, rng_ref, out_ref, args),
+            lambda *args: kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, rng_ref, out_ref, lse_ref, args),
             smem,
             (plgpu.Barrier(num_barriers=steps), plgpu.Barrier(num_barriers=steps),
              plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2),
@@ -212,12 +291,59 @@ def mosaic_attention_call(qp, k, v, lo, hi, *, scale, soft_cap=None, block_kv=MG
             collective_axes="wg",
         )
 
+    lse_shape = (b, heads, rows)
     return plgpu.kernel(
         entry,
-        out_type=jax.ShapeDtypeStruct(qp.shape, dtype),
-        grid=(kh, rp // CTA_ROWS, b),
+        out_type=(jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct(lse_shape, jnp.float32)),
+        grid=(heads, rows // CTA_ROWS, b),
         grid_names=("heads", "q_seq", "batch"),
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(qp, k, v, lo, hi, rng)
+    )(q, k, v, lo, hi, rng)
+
+
+def _pad_to(x, axis, size):
+    if x.shape[axis] == size:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad)
+
+
+def forward(q, k, v, q_positions, kv_lengths, *, causal, sliding_window, soft_cap, scale,
+            layout=None):
+    """Public-layout attention through the kernel: ``q [B, T, N, H]``, ``k, v [B, S, K, H]``,
+    ``q_positions [B, T]``, ``kv_lengths [B]`` (checked by the caller). Returns
+    ``(o [B, T, N, H], lse [B, T, N] float32)``. ``layout``: ``'tokens'``, ``'packed'`` or
+    ``None`` (``default_layout(T)``); it does not change the bits. Traceable on any platform."""
+    b, t, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    g = n // kh
+    hm = padded_head_dim(h)
+    bk = block_k(hm)
+    layout = default_layout(t) if layout is None else layout
+    lo, hi = row_bounds(q_positions, kv_lengths, causal=causal, sliding_window=sliding_window)
+    sp = max(bk, -(-s // bk) * bk)
+    kp, vp = (_pad_to(_pad_to(a, 1, sp), 3, hm) for a in (k, v))
+    if layout == "tokens":
+        rows = t
+        rp = -(-t // CTA_ROWS) * CTA_ROWS
+        qx = _pad_to(_pad_to(q, 1, rp), 3, hm)
+    elif layout == "packed":
+        rows = t * g
+        rp = -(-rows // CTA_ROWS) * CTA_ROWS
+        qx = q.reshape(b, t, kh, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kh, rows, h)
+        qx = _pad_to(_pad_to(qx, 2, rp), 3, hm)
+        lo, hi = (jnp.repeat(a, g, axis=1) for a in (lo, hi))
+    else:
+        raise ValueError(f"layout must be one of {LAYOUTS} or None; got {layout!r}")
+    lo, hi = (_pad_to(a, 1, rp) for a in (lo, hi))    # padding rows: the empty interval [0, 0)
+    rng = block_ranges(lo, hi, rows, bk)
+    o, lse = mosaic_attention_call(qx, kp, vp, lo, hi, rng, layout=layout, scale=scale,
+                                   soft_cap=soft_cap, block_kv=bk)
+    if layout == "tokens":
+        return o[:, :t, :, :h], lse[:, :, :t].transpose(0, 2, 1)
+    o = o[:, :, :rows, :h].reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
+    lse = lse[:, :, :rows].reshape(b, kh, t, g).transpose(0, 2, 1, 3).reshape(b, t, n)
+    return o, lse

@@ -31,11 +31,14 @@ the non-reduced dimensions.
 Experimental, opt-in (``detjax.experimental.mosaic_attention``; not used by the models, ``generate``
 or ``deterministic``, so not part of ``KERNELS_VERSION``):
 
-* Mosaic GPU attention (``pallas_kernels/attention_mgpu.py``, Hopper): the same rows and key
-  intervals as the GPU attention, KV blocks of ``MGPU_ATTN_BLOCK_K`` keys anchored at key 0 visited
-  in ascending order, **no splits** (one online softmax per row; decode runs the same kernel), logits
-  in the base-2 domain with ``ex2.approx``, the row sums reduced by Mosaic GPU's fixed per-row tree.
-  Its bits differ from the Triton attention's.
+* Mosaic GPU attention (``pallas_kernels/attention_mgpu.py``, Hopper): the same key intervals as
+  the GPU attention, KV blocks of ``MGPU_ATTN_BLOCK_K_NARROW`` (= 128) keys for head dims <= 128
+  and ``MGPU_ATTN_BLOCK_K`` (= 64) above, anchored at key 0 and visited in ascending order, **no
+  splits** (one online softmax per row; decode runs the same kernel), logits in the base-2 domain
+  with ``ex2.approx``, the mask applied to the max's input and to ``p`` (never inside the
+  ``s -> p`` chain), the row sums reduced by Mosaic GPU's fixed per-row tree. Its bits differ from
+  the Triton attention's. Rows are packed (token, query head) rows or one query head's tokens: the
+  layout does not change a row's bits.
 
 TPU (``pallas_kernels/tpu.py``, backends ``tpu`` and ``tpu-interpret``) keeps the common rule but
 not the GPU's tile shapes, so its bits differ from the GPU's and the CPU interpreter's:
@@ -84,5 +87,9 @@ ATTN_SPLIT_K = 1024
 
 assert ATTN_SPLIT_K % ATTN_BLOCK_K == 0
 
-#: KV block of the experimental Mosaic GPU attention (``pallas_kernels/attention_mgpu.py``).
+#: KV block of the experimental Mosaic GPU attention (``pallas_kernels/attention_mgpu.py``) for head
+#: dims above 128 (two pipeline slots of 256-wide K/V tiles leave no room for larger blocks).
 MGPU_ATTN_BLOCK_K = 64
+
+#: Its KV block for head dims <= 128.
+MGPU_ATTN_BLOCK_K_NARROW = 128

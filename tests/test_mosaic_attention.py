@@ -1,10 +1,12 @@
 """detjax.experimental.mosaic_attention: the Mosaic GPU attention kernel (pallas_kernels/attention_mgpu.py).
 
-On CPU: argument errors, the CTA block ranges, and that every configuration *lowers* for CUDA
-(Pallas -> Mosaic GPU, run on this machine: shapes, layouts and the kernel's Python all checked).
+On CPU: argument errors, the CTA block ranges (and full ranges), that every configuration *lowers*
+for CUDA in both row layouts (Pallas -> Mosaic GPU, run on this machine: shapes, layouts and the
+kernel's Python all checked), and that the backward glue reproduces detjax.ops.attention's gradients.
 The kernel itself runs only on a Hopper GPU; the GPU tests below check what the probe runs s10-6 and
 s10-7 (results/README.md, session 10) showed for the same kernel: accuracy against float64, batch and
-vmap invariance, decode = prefill, chunked prefill = full prefill, empty rows, all bitwise. They
+vmap invariance, decode = prefill, the two row layouts, chunked prefill = full prefill, empty
+rows, gradients (close to the Triton path's, batch-invariant, run to run), all bitwise. They
 skip without a GPU that runs Mosaic GPU. Tolerance against float64 (max |out - ref| / max |ref|):
 bf16 2e-2, f16 3e-3, as for detjax.ops.attention.
 """
@@ -55,29 +57,44 @@ def test_bad_input():
         X.mosaic_attention(q, k, v, kv_lengths=jnp.array([9]))
     with pytest.raises(TypeError, match="k_cache"):
         X.mosaic_decode_attention(q, k.astype(jnp.float16), v, jnp.array([8]))
+    with pytest.raises(ValueError, match="layout must be one of"):
+        X.mosaic_attention(q, k, v, layout="rows")
     if not GPU:   # arguments are checked first, then the device
         with pytest.raises(NotImplementedError, match="Hopper"):
             X.mosaic_attention(q, k, v)
 
 
-def test_block_ranges_match_brute_force():
+@pytest.mark.parametrize("bk", [64, 128])
+def test_block_ranges_match_brute_force(bk):
     rng = np.random.default_rng(3)
-    b, kh, rp = 2, 3, 256
-    lo = rng.integers(0, 500, (b, kh, rp))
-    hi = lo + rng.integers(-50, 300, (b, kh, rp))
-    hi[0, 0, :128] = lo[0, 0, :128]          # a CTA whose rows are all empty
-    got = np.asarray(M.block_ranges(jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32)))
+    b, rp, real = 2, 384, 300
+    lo = rng.integers(0, 500, (b, rp))
+    hi = lo + rng.integers(-50, 300, (b, rp))
+    hi[0, :128] = lo[0, :128]          # a CTA whose rows are all empty
+    lo[1, 128:256] = rng.integers(0, 20, 128)   # a CTA where every row is valid over a long range
+    hi[1, 128:256] = rng.integers(700, 900, 128)
+    got = np.asarray(M.block_ranges(jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32), real, bk))
+    saw_full = False
     for i in range(b):
-        for h in range(kh):
-            for c in range(rp // 128):
-                rows = slice(c * 128, (c + 1) * 128)
-                ne = hi[i, h, rows] > lo[i, h, rows]
-                if not ne.any():
-                    assert tuple(got[i, h, c]) == (0, 0)
-                    continue
-                blocks = {j for lo_, hi_ in zip(lo[i, h, rows][ne], hi[i, h, rows][ne])
-                          for j in range(lo_ // 64, -(-hi_ // 64))}
-                assert tuple(got[i, h, c]) == (min(blocks), max(blocks) + 1)
+        for c in range(rp // 128):
+            rows = slice(c * 128, (c + 1) * 128)
+            ne = hi[i, rows] > lo[i, rows]
+            start, end, fs, fe = got[i, c]
+            if not ne.any():
+                assert (start, end, fs, fe) == (0, 0, 0, 0)
+                continue
+            blocks = {j for lo_, hi_ in zip(lo[i, rows][ne], hi[i, rows][ne])
+                      for j in range(lo_ // bk, -(-hi_ // bk))}
+            assert (start, end) == (min(blocks), max(blocks) + 1)
+            # the full range: exactly the blocks inside every real row's interval
+            is_real = np.arange(c * 128, (c + 1) * 128) < real
+            full = [j for j in range(start, end)
+                    if all(lo_ <= j * bk and (j + 1) * bk <= hi_
+                           for lo_, hi_ in zip(lo[i, rows][is_real], hi[i, rows][is_real]))]
+            assert start <= fs <= fe <= end
+            assert list(range(fs, fe)) == full, (i, c, fs, fe, full)
+            saw_full |= bool(full)
+    assert saw_full
 
 
 LOWER_CASES = {
@@ -89,30 +106,67 @@ LOWER_CASES = {
 }
 
 
+@pytest.mark.parametrize("layout", ["tokens", "packed"])
 @pytest.mark.parametrize("name", list(LOWER_CASES))
-def test_lowers_for_cuda(name):
-    """Pallas -> Mosaic GPU lowering of the whole forward (packing, block ranges, kernel) for
-    CUDA, on whatever machine runs the tests."""
+def test_lowers_for_cuda(name, layout):
+    """Pallas -> Mosaic GPU lowering of the whole forward (layout, block ranges, kernel) for
+    CUDA, on whatever machine runs the tests, in both row layouts."""
     dt, b, t, s, n, kh, h, opt = LOWER_CASES[name]
     q, k, v = qkv(1, b, t, s, n, kh, h, dt)
     lengths = jnp.full((b,), s, jnp.int32) if not opt.get("lengths") else jnp.array([s, s // 2], jnp.int32)
     pos = (lengths[:, None] - 1) if opt.get("decode") else K.default_q_positions(b, t, s)
-    f = lambda q, k, v, p, l: X._packed_forward(  # noqa: E731
+    f = lambda q, k, v, p, l: M.forward(  # noqa: E731
         q, k, v, p, l, causal=opt.get("causal", True), sliding_window=opt.get("sliding_window"),
-        soft_cap=opt.get("soft_cap"), scale=h ** -0.5)
+        soft_cap=opt.get("soft_cap"), scale=h ** -0.5, layout=layout)
     text = jax.jit(f).trace(q, k, v, pos, lengths).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text and "wgmma" in text
 
 
-def test_not_differentiable():
-    q, k, v = qkv(2, 1, 8, 8, 2, 1, 64, jnp.bfloat16)
-    pos, lens = K.default_q_positions(1, 8, 8), jnp.array([8], jnp.int32)
+def test_block_k_by_head_dim():
+    assert [M.block_k(M.padded_head_dim(h)) for h in (40, 64, 128, 192, 256)] == [128, 128, 128, 64, 64]
 
-    def loss(q):
-        return X._forward(q, k, v, pos, lens, True, None, None, 0.125).astype(jnp.float32).sum()
 
-    with pytest.raises(NotImplementedError, match="forward-only"):
-        jax.jit(jax.grad(loss)).trace(q)
+@pytest.mark.parametrize("kw", [{}, dict(sliding_window=5, logits_soft_cap=20.0, lengths=True)])
+def test_triton_backward_glue_is_the_ops_backward(kw):
+    """``triton_backward`` (the Mosaic path's backward: public-layout o/lse repacked for the Triton
+    backward kernels) gives bitwise the gradients of ``detjax.ops.attention`` when fed that op's own
+    o and lse: the glue adds nothing (interpret mode, GQA, ragged lengths)."""
+    b, t, n, kh, h = 2, 37, 4, 2, 24
+    q, k, v = qkv(7, b, t, t, n, kh, h, jnp.float32)
+    do = jnp.asarray(np.random.default_rng(8).standard_normal(q.shape), jnp.float32)
+    lengths = jnp.array([t, 20], jnp.int32) if kw.get("lengths") else jnp.full((b,), t, jnp.int32)
+    pos = K.default_q_positions(b, t, t)
+    opts = dict(causal=True, sliding_window=kw.get("sliding_window"), soft_cap=kw.get("logits_soft_cap"),
+                scale=h ** -0.5)
+    qp, kp, vp, lo, hi, kvl = K.prepare(q, k, v, pos, lengths, causal=True,
+                                        sliding_window=opts["sliding_window"])
+    cfg = K.AttnConfig(opts["scale"], opts["soft_cap"], "interpret")
+    op, lsep = K.attention_fwd_call(qp, kp, vp, lo, hi, kvl, cfg)
+    o = K.unpack_rows(op, t, n, h)
+    lse = lsep[:, :, :t * (n // kh)].reshape(b, kh, t, n // kh).transpose(0, 2, 1, 3).reshape(b, t, n)
+    got = X.triton_backward(q, k, v, pos, lengths, o, lse, do, backend="interpret", **opts)
+    ops_kw = dict(sliding_window=opts["sliding_window"], logits_soft_cap=opts["soft_cap"],
+                  scale=opts["scale"], kv_lengths=lengths, backend="interpret")
+    from detjax import ops
+    _, vjp = jax.vjp(lambda q, k, v: ops.attention(q, k, v, **ops_kw), q, k, v)
+    for a, e in zip(got, vjp(do)):
+        assert np.array_equal(np.asarray(a).view(np.uint32), np.asarray(e).view(np.uint32))
+
+
+def test_gradient_traces(monkeypatch):
+    """jax.grad through the Mosaic forward traces to the Mosaic kernel plus the Triton backward
+    kernels (lowering the Triton kernels needs a GPU; the GPU tests run them)."""
+    from pallas_kernels import backend as _backend
+    monkeypatch.setattr(_backend, "_platform", lambda: "gpu")
+    q, k, v = qkv(2, 1, 128, 128, 2, 1, 64, jnp.bfloat16)
+    pos, lens = K.default_q_positions(1, 128, 128), jnp.array([128], jnp.int32)
+
+    def loss(q, k, v):
+        return X._forward(q, k, v, pos, lens, True, None, 30.0, 0.125, None).astype(jnp.float32).sum()
+
+    text = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v))
+    assert "collective_axes=('wg',)" in text   # the Mosaic GPU kernel's warpgroups
+    assert "detjax_attention_bwd_dkv" in text and "detjax_attention_bwd_dq" in text
 
 
 # ------------------------------------------------------------------------------------------------
@@ -120,47 +174,104 @@ def test_not_differentiable():
 
 
 @gpu_only
+@pytest.mark.parametrize("layout", ["tokens", "packed"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_gpu_accuracy(dtype):
+def test_gpu_accuracy(dtype, layout):
     for seed, (b, t, n, kh, h), kw in [(10, (2, 333, 8, 2, 128), {}),
+                                       (12, (1, 200, 4, 1, 64), dict(causal=False)),
                                        (11, (3, 200, 4, 4, 256),
                                         dict(sliding_window=64, logits_soft_cap=30.0,
                                              kv_lengths=jnp.array([200, 150, 70], jnp.int32)))]:
         q, k, v = qkv(seed, b, t, t, n, kh, h, dtype)
-        out = np.asarray(X.mosaic_attention(q, k, v, **kw), np.float64)
+        out = np.asarray(X.mosaic_attention(q, k, v, layout=layout, **kw), np.float64)
         ref = K.attention_f64_reference(q, k, v, **kw)
         err = np.max(np.abs(out - ref)) / np.max(np.abs(ref))
         assert err < TOL[jnp.dtype(dtype)], (seed, err)
 
 
 @gpu_only
-def test_gpu_batch_and_vmap_invariance():
-    q, k, v = qkv(20, 6, 257, 257, 8, 2, 128, jnp.bfloat16)
-    full = bits(X.mosaic_attention(q, k, v))
-    for i in (0, 3, 5):
-        assert np.array_equal(full[i], bits(X.mosaic_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1]))[0]), i
-    vm = jax.vmap(lambda q, k, v: X.mosaic_attention(q[None], k[None], v[None])[0])(q, k, v)
-    assert np.array_equal(bits(vm), full)
-    assert np.array_equal(bits(X.mosaic_attention(q, k, v)), full)   # run to run
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_gpu_layouts_give_the_same_bits(dtype):
+    """'tokens' CTAs (128 tokens of one query head) and 'packed' CTAs ((token, head) rows of one KV
+    head) group rows differently, so they mask different blocks: the bits must not move."""
+    cases = [((2, 300, 8, 2, 128), {}),
+             ((1, 257, 4, 4, 64), dict(sliding_window=1)),
+             ((2, 640, 8, 4, 256), dict(sliding_window=200, logits_soft_cap=50.0,
+                                        kv_lengths=jnp.array([640, 333], jnp.int32))),
+             ((2, 384, 4, 1, 128), dict(causal=False, kv_lengths=jnp.array([384, 5], jnp.int32)))]
+    for i, ((b, t, n, kh, h), kw) in enumerate(cases):
+        q, k, v = qkv(60 + i, b, t, t, n, kh, h, dtype)
+        a = bits(X.mosaic_attention(q, k, v, layout="tokens", **kw))
+        p = bits(X.mosaic_attention(q, k, v, layout="packed", **kw))
+        assert np.array_equal(a, p), (i, int(np.sum(a != p)))
+    # a chunk of queries late in a long sequence (q_positions), both layouts
+    q, k, v = qkv(70, 1, 1500, 1500, 8, 2, 128, dtype)
+    pos = jnp.arange(1100, 1400, dtype=jnp.int32)[None]
+    a = bits(X.mosaic_attention(q[:, 1100:1400], k, v, q_positions=pos, layout="tokens"))
+    p = bits(X.mosaic_attention(q[:, 1100:1400], k, v, q_positions=pos, layout="packed"))
+    assert np.array_equal(a, p)
 
 
 @gpu_only
+def test_gpu_batch_and_vmap_invariance():
+    for h in (128, 256):
+        q, k, v = qkv(20, 6, 257, 257, 8, 2, h, jnp.bfloat16)
+        full = bits(X.mosaic_attention(q, k, v))
+        for i in (0, 3, 5):
+            alone = bits(X.mosaic_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1]))[0]
+            assert np.array_equal(full[i], alone), (h, i)
+        vm = jax.vmap(lambda q, k, v: X.mosaic_attention(q[None], k[None], v[None])[0])(q, k, v)
+        assert np.array_equal(bits(vm), full)
+        assert np.array_equal(bits(X.mosaic_attention(q, k, v)), full)   # run to run
+
+
+@gpu_only
+@pytest.mark.parametrize("h", [128, 256])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_gpu_decode_equals_prefill(dtype):
+def test_gpu_decode_equals_prefill(dtype, h):
     """Decode of token t (cache padded to another max_len, neighbours of other lengths in the batch)
-    equals the full prefill's row t, for t on and across the 64-key block boundaries."""
+    equals the full prefill's row t, for t on and across the KV block boundaries (128 keys at head
+    dim 128, 64 at 256). Prefill masks the last blocks of a CTA, decode hardly any: same bits."""
     s = 700
-    q, k, v = qkv(30, 2, s, s, 8, 4, 256, dtype)
+    q, k, v = qkv(30, 2, s, s, 8, 4, h, dtype)
     full = bits(X.mosaic_attention(q, k, v, logits_soft_cap=50.0))
     max_len = 832
     pad = ((0, 0), (0, max_len - s), (0, 0), (0, 0))
     kc, vc = jnp.pad(k, pad), jnp.pad(v, pad)
-    for t in (0, 63, 64, 65, 128, 511, 699):
+    for t in (0, 63, 64, 65, 127, 128, 129, 511, 699):
         lengths = jnp.array([t + 1, min(s, t + 40)], jnp.int32)   # the neighbour is longer
         qd = jnp.stack([q[0, t:t + 1], q[1, lengths[1] - 1:lengths[1]]])
         d = bits(X.mosaic_decode_attention(qd, kc, vc, lengths, logits_soft_cap=50.0))
         assert np.array_equal(d[0, 0], full[0, t]), t
         assert np.array_equal(d[1, 0], full[1, int(lengths[1]) - 1]), t
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_gpu_gradients(dtype):
+    """Gradients through the Mosaic forward (Triton backward fed its lse): close to the Triton
+    path's gradients, batch-invariant and run-to-run identical, bitwise."""
+    from detjax import ops
+    b, t, n, kh, h = 3, 300, 4, 2, 128
+    q, k, v = qkv(80, b, t, t, n, kh, h, dtype)
+    w = jnp.asarray(np.random.default_rng(81).standard_normal(q.shape), jnp.float32)
+    kw = dict(sliding_window=100, logits_soft_cap=30.0)
+
+    def grads(fn, q, k, v, w):
+        return jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, **kw).astype(jnp.float32) * w),
+                                argnums=(0, 1, 2)))(q, k, v)
+
+    got = grads(X.mosaic_attention, q, k, v, w)
+    ref = grads(ops.attention, q, k, v, w)
+    for a, e in zip(got, ref):
+        a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
+        assert np.max(np.abs(a - e)) / np.max(np.abs(e)) < 4 * TOL[jnp.dtype(dtype)]
+    again = grads(X.mosaic_attention, q, k, v, w)
+    for a, e in zip(got, again):
+        assert np.array_equal(bits(a), bits(e))
+    alone = grads(X.mosaic_attention, q[1:2], k[1:2], v[1:2], w[1:2])
+    for a, e in zip(got, alone):
+        assert np.array_equal(bits(a)[1], bits(e)[0])
 
 
 @gpu_only
