@@ -1,7 +1,8 @@
 """End-to-end model benchmark: the same Gemma-style modules on detjax kernels and on plain XLA.
 
 Usage: ``python benchmarks/bench_model.py [--model gemma2_2b] [--batches 1,8,64] [--prompt 512]
-[--new-tokens 256] [--json OUT] [--transform [--unfused]] [--skip-forward] [--skip-generate]``
+[--new-tokens 256] [--json OUT] [--transform [--unfused]] [--skip-forward] [--skip-generate]
+[--mosaic]``. ``--mosaic`` adds the same model with ``attention_kernel='mosaic'`` (a row of its own).
 
 A batch size that fails (e.g. out of GPU memory) is reported as ``FAILED`` and skipped.
 
@@ -47,10 +48,12 @@ def forward_fn(model):
 
 
 def run(model_name, batches, prompt, new_tokens, iters, forward=True, generation=True, gen_iters=3,
-        upcast=False):
+        upcast=False, mosaic=False):
     config = getattr(GemmaConfig, model_name)(upcast_activations_to_float32=upcast)
     rows = []
     models = {impl: Transformer(config, rngs=nnx.Rngs(0), impl=impl) for impl in ("xla", "detjax")}
+    if mosaic:   # the same weights, attention through the Mosaic GPU kernel
+        models["mosaic"] = Transformer(config.replace(attention_kernel="mosaic"), rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
     for b in batches:
         tokens = jnp.asarray(rng.integers(1, config.vocab_size, size=(b, prompt)), jnp.int32)
@@ -77,16 +80,20 @@ def run(model_name, batches, prompt, new_tokens, iters, forward=True, generation
         except Exception as e:  # noqa: BLE001 - report the batch size that failed (e.g. out of memory)
             print(f"{model_name} B={b:3d} FAILED ({impl}): {type(e).__name__}: {str(e)[:300]}", flush=True)
             continue
-        (fx, gx, nx), (fd, gd, nd) = res["xla"], res["detjax"]
-        rows.append(dict(model=model_name, upcast=upcast, batch=b, prompt=prompt, new_tokens=new_tokens,
-                         fwd_xla_ms=fx, fwd_detjax_ms=fd, fwd_ratio=fx / fd,
-                         fwd_tok_s_detjax=b * prompt / fd * 1e3,
-                         gen_xla_s=gx, gen_detjax_s=gd, gen_ratio=gx / gd,
-                         gen_tok_s_detjax=nd / gd))
-        r = rows[-1]
-        print(f"{model_name} B={b:3d} forward xla {fx:8.2f} ms detjax {fd:8.2f} ms ratio {fx / fd:5.2f} | "
-              f"generate xla {gx:7.2f} s detjax {gd:7.2f} s ratio {gx / gd:5.2f} "
-              f"({r['gen_tok_s_detjax']:.0f} tok/s)", flush=True)
+        fx, gx, nx = res["xla"]
+        for impl in [i for i in res if i != "xla"]:
+            fd, gd, nd = res[impl]
+            rows.append(dict(model=model_name, upcast=upcast, batch=b, prompt=prompt,
+                             new_tokens=new_tokens, attention="mosaic" if impl == "mosaic" else "triton",
+                             fwd_xla_ms=fx, fwd_detjax_ms=fd, fwd_ratio=fx / fd,
+                             fwd_tok_s_detjax=b * prompt / fd * 1e3,
+                             gen_xla_s=gx, gen_detjax_s=gd, gen_ratio=gx / gd,
+                             gen_tok_s_detjax=nd / gd))
+            r = rows[-1]
+            name = "detjax" if impl == "detjax" else "mosaic"
+            print(f"{model_name} B={b:3d} forward xla {fx:8.2f} ms {name} {fd:8.2f} ms ratio "
+                  f"{fx / fd:5.2f} | generate xla {gx:7.2f} s {name} {gd:7.2f} s ratio {gx / gd:5.2f} "
+                  f"({r['gen_tok_s_detjax']:.0f} tok/s)", flush=True)
     return rows
 
 
@@ -131,6 +138,8 @@ def main(argv=None):
     p.add_argument("--skip-generate", action="store_true", help="time the forward pass only")
     p.add_argument("--upcast", action="store_true",
                    help="upcast_activations_to_float32=True (bf16 weights, float32 activations)")
+    p.add_argument("--mosaic", action="store_true",
+                   help="also time the model with attention_kernel='mosaic' (Hopper GPUs)")
     p.add_argument("--gen-iters", type=int, default=3,
                    help="timed generation calls after the compiling one (median; run s7-14 saw the "
                         "first timed call of a process 1.6x slower than the next)")
@@ -141,7 +150,8 @@ def main(argv=None):
     else:
         rows = run(args.model, [int(b) for b in args.batches.split(",")], args.prompt,
                    args.new_tokens, args.iters, forward=not args.skip_forward,
-                   generation=not args.skip_generate, gen_iters=args.gen_iters, upcast=args.upcast)
+                   generation=not args.skip_generate, gen_iters=args.gen_iters, upcast=args.upcast,
+                   mosaic=args.mosaic)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(device=jax.devices()[0].device_kind,
                                                    jax=jax.__version__, rows=rows), indent=1))

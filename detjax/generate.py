@@ -162,7 +162,8 @@ def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_k=None, top
         ``fold_in(fold_in(PRNGKey(seed), sequence_ids[i]), s)`` (gumbel-max), so its samples do not
         depend on the rest of the batch.
       stop_tokens: token ids ending a sequence (the stop token is included in the output).
-      max_len: KV-cache length (default ``max(len(p)) + max_new_tokens`` rounded up to 64); the
+      max_len: KV-cache length (default ``max(len(p)) + max_new_tokens`` rounded up to 64, or to the
+        Mosaic kernel's KV block with ``attention_kernel='mosaic'``); the
         result does not depend on it.
       sequence_ids: per-prompt ints in ``[0, 2**32)`` for the random streams (default ``range(len(prompts))``).
 
@@ -196,8 +197,12 @@ def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_k=None, top
     if need > MAX_LEN_LIMIT:
         raise ValueError(f"max_new_tokens={max_new_tokens} is too large: the longest prompt plus "
                          f"max_new_tokens must fit int32 positions (<= {MAX_LEN_LIMIT})")
-    if max_len is None:
-        max_len = -(-need // 64) * 64
+    if max_len is None:   # a whole number of the attention kernel's KV blocks: no padding copy
+        unit = 64
+        if getattr(model.config, "attention_kernel", "triton") == "mosaic":
+            from pallas_kernels.attention_mgpu import block_k, padded_head_dim
+            unit = block_k(padded_head_dim(model.config.head_dim))
+        max_len = -(-need // unit) * unit
     else:
         max_len = _check_int("max_len", max_len, lo=1, hi=MAX_LEN_LIMIT)
         if max_len < need:

@@ -249,6 +249,12 @@ class ParallelTransformer(nnx.Module):
     """
 
     def __init__(self, inner, mesh: Mesh, mode: str, kv_repeat: int):
+        kernel = getattr(inner.config, "attention_kernel", "triton")
+        if kernel != "triton":
+            raise NotImplementedError(
+                f"detjax.parallel runs the Triton attention kernels; this model has "
+                f"config.attention_kernel={kernel!r} (use attention_kernel='triton', or the "
+                "single-device model)")
         self.inner = inner
         self.mesh = mesh
         self.mode = mode

@@ -60,6 +60,18 @@ def cases():
     yield "gemma tiny bf16 logits", nnx.jit(lambda m, t: m(t))(bf, tokens)
     out = detjax.generate(bf, [[5, 6, 7, 8], [9, 10]], 8)
     yield "gemma tiny bf16 generate logprobs", np.concatenate([np.asarray(x) for x in out.logprobs])
+    # added in session 11: the opt-in Mosaic GPU attention (Hopper only; its own order)
+    from detjax import experimental
+    if experimental.mosaic_available()[0]:
+        q2 = jax.random.normal(ks[4], (2, 300, 8, 128), jnp.bfloat16)
+        kv2 = jax.random.normal(ks[5], (2, 300, 2, 128), jnp.bfloat16)
+        yield "mosaic attention bf16 H128", experimental.mosaic_attention(q2, kv2, kv2)
+        yield "mosaic decode bf16 H64", experimental.mosaic_decode_attention(
+            q[:, :1], kv, kv, jnp.array([70, 33], jnp.int32))
+        bm = Transformer(GemmaConfig.tiny(dtype="bfloat16", param_dtype="bfloat16",
+                                          attention_kernel="mosaic"), rngs=nnx.Rngs(0))
+        out = detjax.generate(bm, [[5, 6, 7, 8], [9, 10]], 8)
+        yield "gemma tiny bf16 mosaic generate", np.concatenate([np.asarray(x) for x in out.logprobs])
 
 
 def main(argv=None):

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from detjax.nn import Block, Embed, RMSNorm
+from detjax.nn._layers import ATTENTION_KERNELS
 from detjax.nn._impl import check_impl, ops
 
 __all__ = ["GemmaConfig", "Transformer"]
@@ -72,6 +73,11 @@ class GemmaConfig:
         says; parameters keep ``param_dtype`` (cast to float32 exactly at use).
       embed_scale_by_sqrt_dim: multiply the embedding output by ``sqrt(d_model)`` (rounded to the
         activation dtype, as Gemma does).
+      attention_kernel: which batch-invariant attention kernels the ``'detjax'`` implementation runs:
+        ``'triton'`` (default: ``detjax.ops.attention`` / ``decode_attention``, every backend) or
+        ``'mosaic'`` (``detjax.experimental.mosaic_attention``: Hopper GPUs, bf16/f16 activations,
+        head_dim <= 256; faster prefill, other bits, no key splits in decode). Prefill, decode and
+        generation agree bitwise with either; the two kernels' bits differ from each other.
     """
 
     vocab_size: int = 256
@@ -96,6 +102,7 @@ class GemmaConfig:
     param_dtype: str = "float32"
     upcast_activations_to_float32: bool = False
     embed_scale_by_sqrt_dim: bool = True
+    attention_kernel: str = "triton"
 
     def __post_init__(self):
         for f in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
@@ -126,6 +133,17 @@ class GemmaConfig:
             if name not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"GemmaConfig.{f} must be float32, bfloat16 or float16; got {name}")
             object.__setattr__(self, f, name)
+        if self.attention_kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"GemmaConfig.attention_kernel must be one of {ATTENTION_KERNELS}; got "
+                             f"{self.attention_kernel!r}")
+        if self.attention_kernel == "mosaic":
+            if self.upcast_activations_to_float32 or self.dtype == "float32":
+                raise ValueError("GemmaConfig.attention_kernel='mosaic' needs bfloat16/float16 "
+                                 f"activations; got dtype={self.dtype!r}, upcast_activations_to_float32="
+                                 f"{self.upcast_activations_to_float32} (use attention_kernel='triton')")
+            if self.head_dim > 256:
+                raise ValueError("GemmaConfig.attention_kernel='mosaic' needs head_dim <= 256; got "
+                                 f"{self.head_dim}")
 
     # --- presets ------------------------------------------------------------------------------
     @classmethod
@@ -240,7 +258,7 @@ class Transformer(nnx.Module):
                 logits_soft_cap=c.attn_logits_soft_cap,
                 sliding_window=c.sliding_window if local else None, use_qk_norm=c.use_qk_norm,
                 rope_base=c.rope_base_local if local else c.rope_base_global,
-                rope_scale_factor=c.rope_scale_factor, **kw))
+                rope_scale_factor=c.rope_scale_factor, attention_kernel=c.attention_kernel, **kw))
         self.layers = nnx.List(layers)
         self.final_norm = RMSNorm(c.d_model, eps=c.norm_eps, **kw)
         self.impl = check_impl(impl)

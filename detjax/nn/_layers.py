@@ -168,10 +168,18 @@ def apply_rope(x, positions, *, base: float = 10_000.0, scale_factor: float = 1.
     return ops(impl).isolated(rotate, x, consts=(cos, sin))
 
 
+#: The attention kernels ``Attention`` can run under the ``'detjax'`` implementation.
+ATTENTION_KERNELS = ("triton", "mosaic")
+
+
 class Attention(nnx.Module):
     """Gemma attention (MHA / GQA / MQA): q/k/v projections, optional QK-norm, RoPE, query
     pre-scaling by ``query_pre_attn_scalar ** -0.5``, optional logit soft-cap and sliding window,
     output projection.
+
+    ``attention_kernel``: ``'triton'`` (``detjax.ops.attention`` / ``decode_attention``) or
+    ``'mosaic'`` (``detjax.experimental.mosaic_attention`` / ``mosaic_decode_attention``: Hopper
+    GPUs, bf16/f16). It applies to the ``'detjax'`` implementation; ``'xla'`` runs XLA's attention.
 
     Projections: ``q: 'BTD,NDH->BTNH'``, ``k``/``v``: ``'BSD,KDH->BSKH'``, out: ``'BTNH,NHD->BTD'``.
     """
@@ -180,7 +188,11 @@ class Attention(nnx.Module):
                  query_pre_attn_scalar: float | None = None, logits_soft_cap: float | None = None,
                  sliding_window: int | None = None, use_qk_norm: bool = False,
                  rope_base: float = 10_000.0, rope_scale_factor: float = 1.0, norm_eps: float = 1e-6,
-                 dtype=None, param_dtype=jnp.float32, impl=None, rngs: nnx.Rngs):
+                 attention_kernel: str = "triton", dtype=None, param_dtype=jnp.float32, impl=None,
+                 rngs: nnx.Rngs):
+        if attention_kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"attention_kernel must be one of {ATTENTION_KERNELS}; got "
+                             f"{attention_kernel!r}")
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads "
                              f"({num_kv_heads})")
@@ -200,7 +212,16 @@ class Attention(nnx.Module):
         self.logits_soft_cap = logits_soft_cap
         self.sliding_window = sliding_window
         self.rope_base, self.rope_scale_factor = float(rope_base), float(rope_scale_factor)
+        self.attention_kernel = attention_kernel
         self.dtype, self.param_dtype, self.impl = dtype, param_dtype, check_impl(impl)
+
+    def _attention_ops(self):
+        """``(attention, decode_attention)`` of this layer's implementation and kernel."""
+        if self.attention_kernel == "mosaic" and current_impl(self.impl) == "detjax":
+            from detjax import experimental
+            return experimental.mosaic_attention, experimental.mosaic_decode_attention
+        o = ops(self.impl)
+        return o.attention, o.decode_attention
 
     def _project(self, x):
         """``(q_proj(x), k_proj(x), v_proj(x))``, as one launch where possible (``_one_launch``)."""
@@ -235,7 +256,7 @@ class Attention(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         q, k, v = self._qkv(x, positions)
-        o = ops(self.impl).attention(q, k, v, q_positions=positions, kv_lengths=kv_lengths,
+        o = self._attention_ops()[0](q, k, v, q_positions=positions, kv_lengths=kv_lengths,
                                      **self._opts())
         return self.o_proj(o), (k, v)
 
@@ -255,7 +276,7 @@ class Attention(nnx.Module):
         upd = jax.vmap(lambda c, new, s: jax.lax.dynamic_update_slice_in_dim(c, new, s, axis=0))
         k_cache = upd(k_cache, k.astype(k_cache.dtype), lengths)
         v_cache = upd(v_cache, v.astype(v_cache.dtype), lengths)
-        o = ops(self.impl).decode_attention(q, k_cache, v_cache, lengths + t, **self._opts())
+        o = self._attention_ops()[1](q, k_cache, v_cache, lengths + t, **self._opts())
         return o, k_cache, v_cache
 
 
