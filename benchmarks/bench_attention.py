@@ -12,6 +12,13 @@ import jax.numpy as jnp
 from detjax.ops._attention import attention, decode_attention
 
 
+def _emit(rows, row):
+    """Keep a row and print it at once (a run cut short by a time limit still reports it)."""
+    rows.append(row)
+    print(f"  {row['name']:44s} base {row['xla_ms']:9.4f} ms  ours {row['detjax_ms']:9.4f} ms  "
+          f"ratio {row['ratio']:5.2f}", flush=True)
+
+
 def run(rows, iters, quick, copy_gbs, device_ms):
     key = jax.random.key(3)
     from detjax.experimental import mosaic_attention, mosaic_available, mosaic_decode_attention
@@ -37,12 +44,12 @@ def run(rows, iters, quick, copy_gbs, device_ms):
                 best, best_name = ms, impl
         ours = device_ms(lambda q, k, v: attention(q, k, v, causal=True), q, k, v, iters=iters)
         flops = 4 * b * n * t * t * h / 2  # causal
-        rows.append(dict(kind="attn", name=f"prefill B{b} T{t} H{h} N8 K{kh} vs {best_name}",
+        _emit(rows, dict(kind="attn", name=f"prefill B{b} T{t} H{h} N8 K{kh} vs {best_name}",
                          xla_ms=best, detjax_ms=ours, ratio=best / ours, tflops=flops / ours / 1e9,
                          gbs=0.0, bound="flops"))
         if mosaic_ok:   # the opt-in Mosaic GPU kernel (detjax.experimental), same baseline
             ms = device_ms(lambda q, k, v: mosaic_attention(q, k, v), q, k, v, iters=iters)
-            rows.append(dict(kind="attn", name=f"prefill B{b} T{t} H{h} N8 K{kh} mosaic vs {best_name}",
+            _emit(rows, dict(kind="attn", name=f"prefill B{b} T{t} H{h} N8 K{kh} mosaic vs {best_name}",
                              xla_ms=best, detjax_ms=ms, ratio=best / ms, tflops=flops / ms / 1e9,
                              gbs=0.0, bound="flops"))
     decode = [(1, 8192, 1), (8, 8192, 4), (64, 8192, 4), (8, 32768, 4), (64, 1024, 4)]
@@ -65,21 +72,23 @@ def run(rows, iters, quick, copy_gbs, device_ms):
                         iters=iters)
         bytes_ = kc.nbytes + vc.nbytes
         gbs = bytes_ / t_d / 1e6
-        rows.append(dict(kind="attn", name=f"decode B{b} cache{s} K{kh} H{h}", xla_ms=t_x,
+        _emit(rows, dict(kind="attn", name=f"decode B{b} cache{s} K{kh} H{h}", xla_ms=t_x,
                          detjax_ms=t_d, ratio=t_x / t_d, gbs=gbs, pct_ceiling=100 * gbs / copy_gbs,
                          bound="bytes"))
         if mosaic_ok:
             t_m = device_ms(lambda q, kc, vc, l: mosaic_decode_attention(q, kc, vc, l), q, kc, vc,
                             lengths, iters=iters)
             gbs = bytes_ / t_m / 1e6
-            rows.append(dict(kind="attn", name=f"decode B{b} cache{s} K{kh} H{h} mosaic", xla_ms=t_x,
+            _emit(rows, dict(kind="attn", name=f"decode B{b} cache{s} K{kh} H{h} mosaic", xla_ms=t_x,
                              detjax_ms=t_m, ratio=t_x / t_m, gbs=gbs,
                              pct_ceiling=100 * gbs / copy_gbs, bound="bytes"))
     train(rows, iters, key, device_ms, mosaic_ok)
 
 
 def train(rows, iters, key, device_ms, mosaic_ok):
-    """Forward + backward (grads of q, k, v) of causal attention, against cuDNN's."""
+    """Forward + backward (grads of q, k, v) of causal attention, against cuDNN's (GPU only)."""
+    if jax.default_backend() != "gpu":
+        return
     from detjax.experimental import mosaic_attention
     b, t, n, h, kh = 1, 2048, 8, 128, 4
     kq, kk, kv, kw = jax.random.split(jax.random.fold_in(key, 77), 4)
@@ -99,5 +108,5 @@ def train(rows, iters, key, device_ms, mosaic_ok):
         cases.append(("mosaic", lambda q, k, v: mosaic_attention(q, k, v)))
     for name, fn in cases:
         ms = device_ms(grad_of(fn), q, k, v, iters=iters)
-        rows.append(dict(kind="attn", name=f"fwd+bwd B{b} T{t} H{h} K{kh} {name} vs cudnn", xla_ms=t_c,
+        _emit(rows, dict(kind="attn", name=f"fwd+bwd B{b} T{t} H{h} K{kh} {name} vs cudnn", xla_ms=t_c,
                          detjax_ms=ms, ratio=t_c / ms, tflops=flops / ms / 1e9, gbs=0.0, bound="flops"))
