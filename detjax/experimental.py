@@ -1,12 +1,13 @@
-"""Experimental, opt-in detjax paths: not wired into the models, ``generate`` or ``deterministic``.
+"""Experimental, opt-in detjax paths: not used by default anywhere (``deterministic`` never uses
+them; the models and ``generate`` only with ``GemmaConfig(attention_kernel='mosaic')``).
 
 ``mosaic_attention`` / ``mosaic_decode_attention``: batch-invariant attention on a Hopper GPU through
 a Mosaic GPU kernel (``pallas_kernels/attention_mgpu.py``, where its reduction order is
-documented), 2-4x faster prefill than ``detjax.ops.attention``'s Triton kernel (H100, run s10-6:
-0.59-0.80x of cuDNN against 0.18-0.32x). Its bits differ from ``detjax.ops.attention``'s (another
-order); between the two functions of this module, prefill, chunked prefill and decode of the same
-query row give the same bits (decode runs the same kernel), whatever the batch, the other rows
-or ``max_len``.
+documented), several times faster prefill than ``detjax.ops.attention``'s Triton kernel (results in
+``results/README.md``, sessions 10 and 11). Its bits differ from ``detjax.ops.attention``'s
+(another order); between the two functions of this module, prefill, chunked prefill and decode of
+the same query row give the same bits (decode runs the same kernel), whatever the batch, the other
+rows, the row layout or ``max_len``.
 
 Same arguments and mask semantics as ``detjax.ops.attention`` / ``decode_attention``, with these
 limits, each a clear error: bfloat16/float16 only, head_dim <= 256, a GPU that runs Mosaic GPU

@@ -55,6 +55,12 @@ outside a row's interval (a NaN/inf value past a sequence's length in the cache'
 block reaches the row as ``0 * NaN`` in ``p @ v``: keep caches finite, e.g. zero-initialised;
 non-finite *keys* there are harmless); splits for long-cache decode at small batch (one CTA walks
 the whole cache: B8 8k keys is 2.2x slower than the split Triton decode, run s10-6).
+
+GPU evidence (H200, runs s11-1/s11-2 in ``results/``): the tests of ``tests/test_mosaic_attention.py``
+and ``tests/test_model_mosaic.py`` pass (accuracy, the two layouts bitwise equal, batch / vmap /
+run to run, decode = prefill at head dims 128 and 256, gradients, the model's generation);
+prefill at 0.87-0.96x cuDNN on the attention issue's 16 shapes; decode at 97% of the copy
+bandwidth at B64 with 8k keys, 28% at B8 (no splits).
 """
 
 from __future__ import annotations
