@@ -101,13 +101,11 @@ def triton_backward(q, k, v, q_positions, kv_lengths, o, lse, do, *, causal, sli
     block in a fixed order)."""
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
-    g = n // kh
     qp, kp, vp, lo, hi, kvl = _k.prepare(q, k, v, q_positions, kv_lengths, causal=causal,
                                          sliding_window=sliding_window)
     hp, rp = qp.shape[-1], qp.shape[2]
     op, dop = (_k.pack_rows(a, kh, hp) for a in (o, do.astype(o.dtype)))
-    lsep = lse.reshape(b, t, kh, g).transpose(0, 2, 1, 3).reshape(b, kh, t * g)
-    lsep = jnp.pad(lsep, ((0, 0), (0, 0), (0, rp - t * g)))
+    lsep = _k.pack_row_scalars(lse, kh, rp)
     cfg = _k.AttnConfig(scale, soft_cap, backend)
     dq, dk, dv = _k.attention_bwd_call(qp, kp, vp, lo, hi, kvl, op, lsep, dop, cfg)
     return _k.unpack_rows(dq, t, n, h), dk[:, :s, :, :h], dv[:, :s, :, :h]

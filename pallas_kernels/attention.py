@@ -203,12 +203,13 @@ def num_row_blocks(t: int, g: int) -> int:
     return max(1, -(-(t * g) // BLOCK_Q))
 
 
-def pack_rows(x, num_kv_heads: int, hp: int):
+def pack_rows(x, num_kv_heads: int, hp: int, row_block: int = BLOCK_Q):
     """``[B, T, N, H]`` -> ``[B, K, Rp, Hp]``: row ``t * G + g`` of KV head ``h`` is query head
-    ``h * G + g`` of token ``t``; rows padded to a multiple of 64 and H to ``hp`` with zeros."""
+    ``h * G + g`` of token ``t``; rows padded to a multiple of ``row_block`` (64) and H to ``hp``
+    with zeros."""
     b, t, n, h = x.shape
     g = n // num_kv_heads
-    rp = num_row_blocks(t, g) * BLOCK_Q
+    rp = max(1, -(-(t * g) // row_block)) * row_block
     x = x.reshape(b, t, num_kv_heads, g, h).transpose(0, 2, 1, 3, 4).reshape(b, num_kv_heads, t * g, h)
     return jnp.pad(x, ((0, 0), (0, 0), (0, rp - t * g), (0, hp - h)))
 
@@ -219,6 +220,20 @@ def unpack_rows(x, t: int, n: int, h: int):
     g = n // kh
     x = x[:, :, :t * g, :h].reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4)
     return x.reshape(b, t, n, h)
+
+
+def pack_row_scalars(x, num_kv_heads: int, rp: int):
+    """``[B, T, N]`` per-(token, head) values -> ``[B, K, Rp]`` packed rows (padding 0)."""
+    b, t, n = x.shape
+    g = n // num_kv_heads
+    x = x.reshape(b, t, num_kv_heads, g).transpose(0, 2, 1, 3).reshape(b, num_kv_heads, t * g)
+    return jnp.pad(x, ((0, 0), (0, 0), (0, rp - t * g)))
+
+
+def unpack_row_scalars(x, t: int, n: int):
+    """Inverse of ``pack_row_scalars``: ``[B, K, Rp]`` -> ``[B, T, N]``."""
+    b, kh = x.shape[:2]
+    return x[:, :, :t * (n // kh)].reshape(b, kh, t, n // kh).transpose(0, 2, 1, 3).reshape(b, t, n)
 
 
 def pack_row_ints(x, g: int, rp: int):

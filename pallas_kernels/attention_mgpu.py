@@ -73,7 +73,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.attention import row_bounds
+from pallas_kernels.attention import (pack_row_ints, pack_rows, row_bounds, unpack_row_scalars,
+                                      unpack_rows)
 from pallas_kernels.order import MGPU_ATTN_BLOCK_K, MGPU_ATTN_BLOCK_K_NARROW
 
 BLOCK_Q = 64          # rows per compute warpgroup; a CTA has two
@@ -338,10 +339,9 @@ def forward(q, k, v, q_positions, kv_lengths, *, causal, sliding_window, soft_ca
         qx = _pad_to(_pad_to(q, 1, rp), 3, hm)
     elif layout == "packed":
         rows = t * g
-        rp = -(-rows // CTA_ROWS) * CTA_ROWS
-        qx = q.reshape(b, t, kh, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kh, rows, h)
-        qx = _pad_to(_pad_to(qx, 2, rp), 3, hm)
-        lo, hi = (jnp.repeat(a, g, axis=1) for a in (lo, hi))
+        qx = pack_rows(q, kh, hm, row_block=CTA_ROWS)
+        rp = qx.shape[2]
+        lo, hi = (pack_row_ints(a, g, rp) for a in (lo, hi))
     else:
         raise ValueError(f"layout must be one of {LAYOUTS} or None; got {layout!r}")
     lo, hi = (_pad_to(a, 1, rp) for a in (lo, hi))    # padding rows: the empty interval [0, 0)
@@ -350,6 +350,4 @@ def forward(q, k, v, q_positions, kv_lengths, *, causal, sliding_window, soft_ca
                                    soft_cap=soft_cap, block_kv=bk)
     if layout == "tokens":
         return o[:, :t, :, :h], lse[:, :, :t].transpose(0, 2, 1)
-    o = o[:, :, :rows, :h].reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
-    lse = lse[:, :, :rows].reshape(b, kh, t, g).transpose(0, 2, 1, 3).reshape(b, t, n)
-    return o, lse
+    return unpack_rows(o, t, n, h), unpack_row_scalars(lse, t, n)
