@@ -90,9 +90,8 @@ def run(model_name, batches, prompt, new_tokens, iters, forward=True, generation
                              gen_xla_s=gx, gen_detjax_s=gd, gen_ratio=gx / gd,
                              gen_tok_s_detjax=nd / gd))
             r = rows[-1]
-            name = "detjax" if impl == "detjax" else "mosaic"
-            print(f"{model_name} B={b:3d} forward xla {fx:8.2f} ms {name} {fd:8.2f} ms ratio "
-                  f"{fx / fd:5.2f} | generate xla {gx:7.2f} s {name} {gd:7.2f} s ratio {gx / gd:5.2f} "
+            print(f"{model_name} B={b:3d} forward xla {fx:8.2f} ms {impl} {fd:8.2f} ms ratio "
+                  f"{fx / fd:5.2f} | generate xla {gx:7.2f} s {impl} {gd:7.2f} s ratio {gx / gd:5.2f} "
                   f"({r['gen_tok_s_detjax']:.0f} tok/s)", flush=True)
     return rows
 

@@ -102,9 +102,9 @@ def default_layout(t: int) -> str:
 def block_ranges(lo, hi, real_rows: int, block_kv: int):
     """``[..., R/128, 4]`` int32 per CTA of 128 rows (``lo, hi: [..., R]``): ``[start, end)``, the
     KV blocks touched by any row (empty: ``[0, 0)``), and ``[full_start, full_end)`` inside it, the
-    blocks valid for every one of the CTA's first ``real_rows``-limited rows (rows at index
-    ``>= real_rows`` are padding whose output is discarded: they never restrict the full range).
-    The full range is empty when some real row has an empty interval."""
+    blocks valid for every *real* row of the CTA. Rows at index ``>= real_rows`` are padding whose
+    output is discarded, so they never narrow the full range; the full range is empty when some
+    real row has an empty interval."""
     *lead, r = lo.shape
     shape = (*lead, r // CTA_ROWS, CTA_ROWS)
     lo, hi = lo.reshape(shape), hi.reshape(shape)
