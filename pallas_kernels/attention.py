@@ -199,8 +199,8 @@ def row_bounds(q_positions, kv_lengths, *, causal: bool, sliding_window: int | N
     return jnp.where(empty, 0, lo), jnp.where(empty, 0, hi)
 
 
-def num_row_blocks(t: int, g: int) -> int:
-    return max(1, -(-(t * g) // BLOCK_Q))
+def num_row_blocks(t: int, g: int, row_block: int = BLOCK_Q) -> int:
+    return max(1, -(-(t * g) // row_block))
 
 
 def pack_rows(x, num_kv_heads: int, hp: int, row_block: int = BLOCK_Q):
@@ -209,7 +209,7 @@ def pack_rows(x, num_kv_heads: int, hp: int, row_block: int = BLOCK_Q):
     with zeros."""
     b, t, n, h = x.shape
     g = n // num_kv_heads
-    rp = max(1, -(-(t * g) // row_block)) * row_block
+    rp = num_row_blocks(t, g, row_block) * row_block
     x = x.reshape(b, t, num_kv_heads, g, h).transpose(0, 2, 1, 3, 4).reshape(b, num_kv_heads, t * g, h)
     return jnp.pad(x, ((0, 0), (0, 0), (0, rp - t * g), (0, hp - h)))
 

@@ -337,14 +337,14 @@ def forward(q, k, v, q_positions, kv_lengths, *, causal, sliding_window, soft_ca
         rows = t
         rp = -(-t // CTA_ROWS) * CTA_ROWS
         qx = _pad_to(_pad_to(q, 1, rp), 3, hm)
+        lo, hi = (_pad_to(a, 1, rp) for a in (lo, hi))    # padding rows: the empty interval [0, 0)
     elif layout == "packed":
         rows = t * g
         qx = pack_rows(q, kh, hm, row_block=CTA_ROWS)
         rp = qx.shape[2]
-        lo, hi = (pack_row_ints(a, g, rp) for a in (lo, hi))
+        lo, hi = (pack_row_ints(a, g, rp) for a in (lo, hi))   # padding rows: [0, 0)
     else:
         raise ValueError(f"layout must be one of {LAYOUTS} or None; got {layout!r}")
-    lo, hi = (_pad_to(a, 1, rp) for a in (lo, hi))    # padding rows: the empty interval [0, 0)
     rng = block_ranges(lo, hi, rows, bk)
     o, lse = mosaic_attention_call(qx, kp, vp, lo, hi, rng, layout=layout, scale=scale,
                                    soft_cap=soft_cap, block_kv=bk)
