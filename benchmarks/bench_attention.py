@@ -52,11 +52,14 @@ def run(rows, iters, quick, copy_gbs, device_ms):
             _emit(rows, dict(kind="attn", name=f"prefill B{b} T{t} H{h} N8 K{kh} mosaic vs {best_name}",
                              xla_ms=best, detjax_ms=ms, ratio=best / ms, tflops=flops / ms / 1e9,
                              gbs=0.0, bound="flops"))
-    decode = [(1, 8192, 1), (8, 8192, 4), (64, 8192, 4), (8, 32768, 4), (64, 1024, 4)]
+    # (B, cache, K, H): the attention issue's rows at head dim 128, then gemma2_2b's decode shape
+    # (head dim 256, 4 KV heads) at the cache of a 512-token prompt + 256 new tokens and at 8k
+    decode = [(1, 8192, 1, 128), (8, 8192, 4, 128), (64, 8192, 4, 128), (8, 32768, 4, 128),
+              (64, 1024, 4, 128), (8, 768, 4, 256), (8, 8192, 4, 256)]
     if quick:
         decode = decode[:2]
-    for b, s, kh in decode:
-        n, h = 8, 128
+    for b, s, kh, h in decode:
+        n = 8
         kq, kk, kv = jax.random.split(jax.random.fold_in(key, b * s + kh), 3)
         q = jax.random.normal(kq, (b, 1, n, h), jnp.bfloat16)
         kc = jax.random.normal(kk, (b, s, kh, h), jnp.bfloat16)

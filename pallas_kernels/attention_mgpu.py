@@ -77,11 +77,12 @@ from pallas_kernels.attention import (pack_row_ints, pack_rows, row_bounds, unpa
                                       unpack_rows)
 from pallas_kernels.order import MGPU_ATTN_BLOCK_K, MGPU_ATTN_BLOCK_K_NARROW
 
-BLOCK_Q = 64          # rows per compute warpgroup; a CTA has two
-CTA_ROWS = 2 * BLOCK_Q
+BLOCK_Q = 64          # rows per compute warpgroup (wgmma's M)
+CTA_ROWS = 2 * BLOCK_Q  # rows of a prefill CTA: two compute warpgroups taking turns on the tensor cores
 MAX_HEAD_DIM = 256    # q, k and v slots of a [64, 256] tile fill 193 KB of the 227 KB of SMEM
 LAYOUTS = ("tokens", "packed")
 _BIG = 2 ** 30
+_SMEM_BUDGET = 220 * 1024   # of the 227 KB a CTA may use; the rest for barriers and row scalars
 _LN2 = math.log(2.0)
 
 
@@ -99,16 +100,22 @@ def default_layout(t: int) -> str:
     return "tokens" if t >= CTA_ROWS else "packed"
 
 
-def block_ranges(lo, hi, real_rows: int, block_kv: int):
-    """``[..., R/128, 4]`` int32 per CTA of 128 rows (``lo, hi: [..., R]``): ``[start, end)``, the
+def default_compute_wgs(layout: str, real_rows: int) -> int:
+    """Compute warpgroups per CTA: one when the packed rows of a KV head fit in one warpgroup's 64
+    (a decode step: ``T * G <= 64``), else two. A speed choice, not a bit choice."""
+    return 1 if layout == "packed" and real_rows <= BLOCK_Q else 2
+
+
+def block_ranges(lo, hi, real_rows: int, block_kv: int, cta_rows: int = CTA_ROWS):
+    """``[..., R/cta_rows, 4]`` int32 per CTA of ``cta_rows`` rows (``lo, hi: [..., R]``): ``[start, end)``, the
     KV blocks touched by any row (empty: ``[0, 0)``), and ``[full_start, full_end)`` inside it, the
     blocks valid for every *real* row of the CTA. Rows at index ``>= real_rows`` are padding whose
     output is discarded, so they never narrow the full range; the full range is empty when some
     real row has an empty interval."""
     *lead, r = lo.shape
-    shape = (*lead, r // CTA_ROWS, CTA_ROWS)
+    shape = (*lead, r // cta_rows, cta_rows)
     lo, hi = lo.reshape(shape), hi.reshape(shape)
-    real = (jnp.arange(r, dtype=jnp.int32) < real_rows).reshape(r // CTA_ROWS, CTA_ROWS)
+    real = (jnp.arange(r, dtype=jnp.int32) < real_rows).reshape(r // cta_rows, cta_rows)
     ne = hi > lo
     start = jnp.min(jnp.where(ne, lo, _BIG), axis=-1) // block_kv
     end = (jnp.max(jnp.where(ne, hi, 0), axis=-1) + block_kv - 1) // block_kv
@@ -122,19 +129,38 @@ def block_ranges(lo, hi, real_rows: int, block_kv: int):
     return jnp.stack([start, end, fs, fe], axis=-1).astype(jnp.int32)
 
 
+def pipeline_steps(head_dim: int, compute_wgs: int, block_kv: int, itemsize: int = 2) -> int:
+    """K/V pipeline slots: 3 when they fit in shared memory with the q tiles, else 2. A speed
+    choice only: the slots change when a block arrives, not what is computed with it."""
+    q_bytes = compute_wgs * BLOCK_Q * head_dim * itemsize
+    slot_bytes = 2 * block_kv * head_dim * itemsize
+    return 3 if q_bytes + 3 * slot_bytes <= _SMEM_BUDGET else 2
+
+
 def mosaic_attention_call(q, k, v, lo, hi, rng, *, layout, scale, soft_cap=None, block_kv=None,
-                          steps=2):
+                          steps=None, compute_wgs=2):
     """The kernel on prepared operands. Returns ``(o, lse)``, ``o`` like ``q``, ``lse`` float32.
 
-    * ``layout='tokens'``: ``q [B, Tp, N, H]`` (``Tp`` a multiple of 128), ``lo, hi [B, Tp]``,
-      ``rng [B, Tp/128, 4]``; ``lse [B, N, Tp]``.
-    * ``layout='packed'``: ``q [B, K, Rp, H]`` packed rows (``Rp`` a multiple of 128),
-      ``lo, hi [B, Rp]``, ``rng [B, Rp/128, 4]``; ``lse [B, K, Rp]``.
+    A CTA has ``compute_wgs`` (1 or 2) compute warpgroups of 64 rows each and one memory
+    warpgroup; ``C = 64 * compute_wgs`` rows per CTA. With two, the warpgroups take turns on the
+    tensor cores (one's softmax overlaps the other's wgmma); one is for decode, where a CTA has
+    only a few real rows and the second warpgroup would compute padding. Rows never interact, so
+    ``compute_wgs`` and ``steps`` (K/V pipeline slots, default ``pipeline_steps``) are speed
+    choices, not bit choices (``test_gpu_cta_height_gives_the_same_bits``).
+
+    * ``layout='tokens'``: ``q [B, Tp, N, H]`` (``Tp`` a multiple of ``C``), ``lo, hi [B, Tp]``,
+      ``rng [B, Tp/C, 4]``; ``lse [B, N, Tp]``.
+    * ``layout='packed'``: ``q [B, K, Rp, H]`` packed rows (``Rp`` a multiple of ``C``),
+      ``lo, hi [B, Rp]``, ``rng [B, Rp/C, 4]``; ``lse [B, K, Rp]``.
 
     ``k, v [B, S, K, H]`` with ``S`` a multiple of ``block_kv`` (default ``block_k(H)``) and ``H`` a
-    multiple of 64; ``rng`` from ``block_ranges``."""
+    multiple of 64; ``rng`` from ``block_ranges(..., cta_rows=C)``."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")
+    if compute_wgs not in (1, 2):
+        raise ValueError(f"compute_wgs must be 1 or 2; got {compute_wgs!r}")
+    cta_rows = compute_wgs * BLOCK_Q
+    nwg = compute_wgs
     h = q.shape[-1]
     block_kv = block_k(h) if block_kv is None else block_kv
     if layout == "tokens":
@@ -144,7 +170,9 @@ def mosaic_attention_call(q, k, v, lo, hi, rng, *, layout, scale, soft_cap=None,
         b, heads, rows, _ = q.shape
         group = 1
     dtype = q.dtype
-    assert rows % CTA_ROWS == 0 and k.shape[1] % block_kv == 0 and h % 64 == 0, (q.shape, k.shape)
+    if steps is None:   # two warpgroups: the 2 slots measured in s11-2; one: 3 where they fit
+        steps = 2 if compute_wgs == 2 else pipeline_steps(h, 1, block_kv, jnp.dtype(dtype).itemsize)
+    assert rows % cta_rows == 0 and k.shape[1] % block_kv == 0 and h % 64 == 0, (q.shape, k.shape)
     log2e = math.log2(math.e)
 
     def q_slice(ref, bi, hd, row0):
@@ -165,16 +193,17 @@ def mosaic_attention_call(q, k, v, lo, hi, rng, *, layout, scale, soft_cap=None,
         full0 = rng_ref[bi, qi, 2] - blk0
         full1 = rng_ref[bi, qi, 3] - blk0
 
-        def sched_barrier():
-            plgpu.barrier_arrive(sched)
-            plgpu.barrier_wait(sched)
+        def sched_barrier():   # the two compute warpgroups take turns (none with one)
+            if nwg == 2:
+                plgpu.barrier_arrive(sched)
+                plgpu.barrier_wait(sched)
 
-        @pl.when(wg < 2)
+        @pl.when(wg < nwg)
         def _compute():
             plgpu.set_max_registers(232, action="increase")
             qo_smem, lo_smem, hi_smem = qo_smem2.at[wg], lo_smem2.at[wg], hi_smem2.at[wg]
             lse_smem = lse_smem2.at[wg]
-            row0 = qi * CTA_ROWS + wg * BLOCK_Q
+            row0 = qi * cta_rows + wg * BLOCK_Q
             plgpu.copy_gmem_to_smem(q_slice(q_ref, bi, hd, row0), qo_smem, q_bar.at[wg])
             plgpu.copy_gmem_to_smem(lo_ref.at[bi, pl.ds(row0, BLOCK_Q)], lo_smem, lo_bar.at[wg])
             plgpu.copy_gmem_to_smem(hi_ref.at[bi, pl.ds(row0, BLOCK_Q)], hi_smem, hi_bar.at[wg])
@@ -192,7 +221,8 @@ def mosaic_attention_call(q, k, v, lo, hi, rng, *, layout, scale, soft_cap=None,
             def _():
                 plgpu.barrier_wait(k_bar.at[0])
 
-            pl.when(wg == 1)(sched_barrier)
+            if nwg == 2:
+                pl.when(wg == 1)(sched_barrier)
 
             def kv_loop(step, carry, masked):
                 acc, m_i, l_i = carry
@@ -227,9 +257,11 @@ def mosaic_attention_call(q, k, v, lo, hi, rng, *, layout, scale, soft_cap=None,
                 acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
                 l_i = l_i * alpha + p.sum(axis=1)
                 p16 = p.astype(dtype)
-                plgpu.barrier_arrive(sched)
+                if nwg == 2:
+                    plgpu.barrier_arrive(sched)
                 plgpu.barrier_wait(v_bar.at[slot])
-                plgpu.barrier_wait(sched)
+                if nwg == 2:
+                    plgpu.barrier_wait(sched)
 
                 def compute_pv(acc_ref):
                     plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
@@ -247,7 +279,8 @@ def mosaic_attention_call(q, k, v, lo, hi, rng, *, layout, scale, soft_cap=None,
             carry = lax.fori_loop(0, full0, lambda j, c: kv_loop(j, c, True), carry)
             carry = lax.fori_loop(full0, full1, lambda j, c: kv_loop(j, c, False), carry)
             acc, m_i, l_i = lax.fori_loop(full1, nsteps, lambda j, c: kv_loop(j, c, True), carry)
-            pl.when(wg == 0)(sched_barrier)
+            if nwg == 2:
+                pl.when(wg == 0)(sched_barrier)
             empty = l_i == 0.0
             l_safe = jnp.where(empty, 1.0, l_i)
             lse_smem[...] = jnp.where(empty, -jnp.inf, m_i * _LN2 + jnp.log(l_safe))
@@ -258,7 +291,7 @@ def mosaic_attention_call(q, k, v, lo, hi, rng, *, layout, scale, soft_cap=None,
             plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, hd, pl.ds(row0, BLOCK_Q)])
             plgpu.wait_smem_to_gmem(0)
 
-        @pl.when(wg == 2)
+        @pl.when(wg == nwg)
         def _memory():
             plgpu.set_max_registers(40, action="decrease")
             for i in range(steps):
@@ -281,19 +314,19 @@ def mosaic_attention_call(q, k, v, lo, hi, rng, *, layout, scale, soft_cap=None,
     def entry(q_ref, k_ref, v_ref, lo_ref, hi_ref, rng_ref, out_ref, lse_ref):
         tiling = plgpu.TilingTransform((8, 64))
         swizzle = plgpu.SwizzleTransform(128)
-        smem = (plgpu.SMEM((2, BLOCK_Q, h), dtype, transforms=(tiling, swizzle)),
+        smem = (plgpu.SMEM((nwg, BLOCK_Q, h), dtype, transforms=(tiling, swizzle)),
                 plgpu.SMEM((steps, block_kv, h), dtype, transforms=(tiling, swizzle)),
                 plgpu.SMEM((steps, block_kv, h), dtype, transforms=(tiling, swizzle)),
-                plgpu.SMEM((2, BLOCK_Q), jnp.int32),
-                plgpu.SMEM((2, BLOCK_Q), jnp.int32),
-                plgpu.SMEM((2, BLOCK_Q), jnp.float32))
+                plgpu.SMEM((nwg, BLOCK_Q), jnp.int32),
+                plgpu.SMEM((nwg, BLOCK_Q), jnp.int32),
+                plgpu.SMEM((nwg, BLOCK_Q), jnp.float32))
         pl.run_scoped(
             lambda *args: kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, rng_ref, out_ref, lse_ref, args),
             smem,
             (plgpu.Barrier(num_barriers=steps), plgpu.Barrier(num_barriers=steps),
-             plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2),
-             plgpu.Barrier(num_barriers=2)),
-            (plgpu.Barrier(num_arrivals=2, num_barriers=steps),) * 2,
+             plgpu.Barrier(num_barriers=nwg), plgpu.Barrier(num_barriers=nwg),
+             plgpu.Barrier(num_barriers=nwg)),
+            (plgpu.Barrier(num_arrivals=nwg, num_barriers=steps),) * 2,
             plgpu.Barrier(num_arrivals=2),
             collective_axes="wg",
         )
@@ -302,9 +335,9 @@ def mosaic_attention_call(q, k, v, lo, hi, rng, *, layout, scale, soft_cap=None,
     return plgpu.kernel(
         entry,
         out_type=(jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct(lse_shape, jnp.float32)),
-        grid=(heads, rows // CTA_ROWS, b),
+        grid=(heads, rows // cta_rows, b),
         grid_names=("heads", "q_seq", "batch"),
-        num_threads=3,
+        num_threads=nwg + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(q, k, v, lo, hi, rng)
@@ -319,11 +352,12 @@ def _pad_to(x, axis, size):
 
 
 def forward(q, k, v, q_positions, kv_lengths, *, causal, sliding_window, soft_cap, scale,
-            layout=None):
+            layout=None, compute_wgs=None, steps=None):
     """Public-layout attention through the kernel: ``q [B, T, N, H]``, ``k, v [B, S, K, H]``,
     ``q_positions [B, T]``, ``kv_lengths [B]`` (checked by the caller). Returns
     ``(o [B, T, N, H], lse [B, T, N] float32)``. ``layout``: ``'tokens'``, ``'packed'`` or
-    ``None`` (``default_layout(T)``); it does not change the bits. Traceable on any platform."""
+    ``None`` (``default_layout(T)``); ``compute_wgs`` (1 or 2; ``None``: ``default_compute_wgs``)
+    and ``steps`` (K/V pipeline slots); none of them changes the bits. Traceable on any platform."""
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
     g = n // kh
@@ -333,21 +367,24 @@ def forward(q, k, v, q_positions, kv_lengths, *, causal, sliding_window, soft_ca
     lo, hi = row_bounds(q_positions, kv_lengths, causal=causal, sliding_window=sliding_window)
     sp = max(bk, -(-s // bk) * bk)
     kp, vp = (_pad_to(_pad_to(a, 1, sp), 3, hm) for a in (k, v))
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS} or None; got {layout!r}")
+    rows = t if layout == "tokens" else t * g
+    wgs = default_compute_wgs(layout, rows) if compute_wgs is None else compute_wgs
+    if wgs not in (1, 2):
+        raise ValueError(f"compute_wgs must be 1, 2 or None; got {compute_wgs!r}")
+    cta = wgs * BLOCK_Q
     if layout == "tokens":
-        rows = t
-        rp = -(-t // CTA_ROWS) * CTA_ROWS
+        rp = -(-t // cta) * cta
         qx = _pad_to(_pad_to(q, 1, rp), 3, hm)
         lo, hi = (_pad_to(a, 1, rp) for a in (lo, hi))    # padding rows: the empty interval [0, 0)
-    elif layout == "packed":
-        rows = t * g
-        qx = pack_rows(q, kh, hm, row_block=CTA_ROWS)
+    else:
+        qx = pack_rows(q, kh, hm, row_block=cta)
         rp = qx.shape[2]
         lo, hi = (pack_row_ints(a, g, rp) for a in (lo, hi))   # padding rows: [0, 0)
-    else:
-        raise ValueError(f"layout must be one of {LAYOUTS} or None; got {layout!r}")
-    rng = block_ranges(lo, hi, rows, bk)
+    rng = block_ranges(lo, hi, rows, bk, cta)
     o, lse = mosaic_attention_call(qx, kp, vp, lo, hi, rng, layout=layout, scale=scale,
-                                   soft_cap=soft_cap, block_kv=bk)
+                                   soft_cap=soft_cap, block_kv=bk, steps=steps, compute_wgs=wgs)
     if layout == "tokens":
         return o[:, :t, :, :h], lse[:, :, :t].transpose(0, 2, 1)
     return unpack_rows(o, t, n, h), unpack_row_scalars(lse, t, n)

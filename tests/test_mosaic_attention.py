@@ -64,8 +64,9 @@ def test_bad_input():
             X.mosaic_attention(q, k, v)
 
 
+@pytest.mark.parametrize("cta", [64, 128])
 @pytest.mark.parametrize("bk", [64, 128])
-def test_block_ranges_match_brute_force(bk):
+def test_block_ranges_match_brute_force(bk, cta):
     rng = np.random.default_rng(3)
     b, rp, real = 2, 384, 300
     lo = rng.integers(0, 500, (b, rp))
@@ -73,11 +74,13 @@ def test_block_ranges_match_brute_force(bk):
     hi[0, :128] = lo[0, :128]          # a CTA whose rows are all empty
     lo[1, 128:256] = rng.integers(0, 20, 128)   # a CTA where every row is valid over a long range
     hi[1, 128:256] = rng.integers(700, 900, 128)
-    got = np.asarray(M.block_ranges(jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32), real, bk))
+    got = np.asarray(M.block_ranges(jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32), real, bk,
+                                    cta))
+    assert got.shape == (b, rp // cta, 4)
     saw_full = False
     for i in range(b):
-        for c in range(rp // 128):
-            rows = slice(c * 128, (c + 1) * 128)
+        for c in range(rp // cta):
+            rows = slice(c * cta, (c + 1) * cta)
             ne = hi[i, rows] > lo[i, rows]
             start, end, fs, fe = got[i, c]
             if not ne.any():
@@ -87,10 +90,11 @@ def test_block_ranges_match_brute_force(bk):
                       for j in range(lo_ // bk, -(-hi_ // bk))}
             assert (start, end) == (min(blocks), max(blocks) + 1)
             # the full range: exactly the blocks inside every real row's interval
-            is_real = np.arange(c * 128, (c + 1) * 128) < real
+            is_real = np.arange(c * cta, (c + 1) * cta) < real
             full = [j for j in range(start, end)
                     if all(lo_ <= j * bk and (j + 1) * bk <= hi_
                            for lo_, hi_ in zip(lo[i, rows][is_real], hi[i, rows][is_real]))]
+            full = full if is_real.any() else []     # a CTA of padding rows only: none
             assert start <= fs <= fe <= end
             assert list(range(fs, fe)) == full, (i, c, fs, fe, full)
             saw_full |= bool(full)
@@ -106,20 +110,35 @@ LOWER_CASES = {
 }
 
 
+@pytest.mark.parametrize("wgs", [None, 1, 2])
 @pytest.mark.parametrize("layout", ["tokens", "packed"])
 @pytest.mark.parametrize("name", list(LOWER_CASES))
-def test_lowers_for_cuda(name, layout):
+def test_lowers_for_cuda(name, layout, wgs):
     """Pallas -> Mosaic GPU lowering of the whole forward (layout, block ranges, kernel) for
-    CUDA, on whatever machine runs the tests, in both row layouts."""
+    CUDA, on whatever machine runs the tests, in both row layouts, with one or two compute
+    warpgroups per CTA (None: the default for the shape)."""
     dt, b, t, s, n, kh, h, opt = LOWER_CASES[name]
     q, k, v = qkv(1, b, t, s, n, kh, h, dt)
     lengths = jnp.full((b,), s, jnp.int32) if not opt.get("lengths") else jnp.array([s, s // 2], jnp.int32)
     pos = (lengths[:, None] - 1) if opt.get("decode") else K.default_q_positions(b, t, s)
     f = lambda q, k, v, p, l: M.forward(  # noqa: E731
         q, k, v, p, l, causal=opt.get("causal", True), sliding_window=opt.get("sliding_window"),
-        soft_cap=opt.get("soft_cap"), scale=h ** -0.5, layout=layout)
+        soft_cap=opt.get("soft_cap"), scale=h ** -0.5, layout=layout, compute_wgs=wgs)
     text = jax.jit(f).trace(q, k, v, pos, lengths).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text and "wgmma" in text
+
+
+def test_compute_warpgroups_default_and_bad_values():
+    # one compute warpgroup only for packed rows that fit in its 64 (a decode step)
+    assert M.default_compute_wgs("packed", 2) == 1 and M.default_compute_wgs("packed", 64) == 1
+    assert M.default_compute_wgs("packed", 65) == 2 and M.default_compute_wgs("tokens", 8) == 2
+    # three K/V slots where they fit with the q tiles (bf16: head dim 128 with one warpgroup)
+    assert M.pipeline_steps(128, 1, 128) == 3 and M.pipeline_steps(128, 2, 128) == 2
+    q, k, v = qkv(0, 1, 4, 8, 4, 2, 64, jnp.bfloat16)
+    pos, lens = K.default_q_positions(1, 4, 8), jnp.array([8], jnp.int32)
+    with pytest.raises(ValueError, match="compute_wgs must be"):
+        M.forward(q, k, v, pos, lens, causal=True, sliding_window=None, soft_cap=None, scale=0.1,
+                  compute_wgs=3)
 
 
 def test_block_k_by_head_dim():
@@ -210,6 +229,30 @@ def test_gpu_layouts_give_the_same_bits(dtype):
     a = bits(X.mosaic_attention(q[:, 1100:1400], k, v, q_positions=pos, layout="tokens"))
     p = bits(X.mosaic_attention(q[:, 1100:1400], k, v, q_positions=pos, layout="packed"))
     assert np.array_equal(a, p)
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_gpu_cta_height_gives_the_same_bits(dtype):
+    """One compute warpgroup per CTA (64 rows, decode's default) or two (128 rows, prefill's), and
+    2 or 3 K/V pipeline slots: the same bits, in both layouts (rows never interact)."""
+    cases = [((2, 5, 1000, 8, 4, 256), dict(soft_cap=50.0, lengths=(1000, 613))),
+             ((3, 1, 777, 8, 1, 128), dict(sliding_window=300, lengths=(777, 65, 1))),
+             ((2, 300, 300, 8, 2, 128), {}),
+             ((1, 200, 200, 4, 4, 64), dict(causal=False))]
+    for i, ((b, t, s, n, kh, h), opt) in enumerate(cases):
+        q, k, v = qkv(90 + i, b, t, s, n, kh, h, dtype)
+        lens = jnp.array(opt.get("lengths", (s,) * b), jnp.int32)
+        pos = jnp.maximum(lens[:, None] - t + jnp.arange(t, dtype=jnp.int32)[None], 0)
+        run = lambda layout, wgs, steps: bits(M.forward(  # noqa: E731
+            q, k, v, pos, lens, causal=opt.get("causal", True),
+            sliding_window=opt.get("sliding_window"), soft_cap=opt.get("soft_cap"),
+            scale=h ** -0.5, layout=layout, compute_wgs=wgs, steps=steps)[0])
+        ref = run("packed", 2, 2)
+        for layout, wgs, steps in (("packed", 1, 2), ("packed", 1, 3), ("tokens", 1, None),
+                                   ("tokens", 2, None), ("packed", None, None)):
+            got = run(layout, wgs, steps)
+            assert np.array_equal(got, ref), (i, layout, wgs, steps, int(np.sum(got != ref)))
 
 
 @gpu_only
