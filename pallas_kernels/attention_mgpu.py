@@ -129,16 +129,18 @@ def block_ranges(lo, hi, real_rows: int, block_kv: int, cta_rows: int = CTA_ROWS
     return jnp.stack([start, end, fs, fe], axis=-1).astype(jnp.int32)
 
 
-def pipeline_steps(head_dim: int, compute_wgs: int, block_kv: int, itemsize: int = 2) -> int:
-    """K/V pipeline slots: 3 when they fit in shared memory with the q tiles, else 2. A speed
-    choice only: the slots change when a block arrives, not what is computed with it."""
-    q_bytes = compute_wgs * BLOCK_Q * head_dim * itemsize
-    slot_bytes = 2 * block_kv * head_dim * itemsize
-    return 3 if q_bytes + 3 * slot_bytes <= _SMEM_BUDGET else 2
+def pipeline_steps(head_dim: int, compute_wgs: int, block_kv: int, itemsize: int = 2,
+                   value_splits: int = 1) -> int:
+    """K/V pipeline slots: 3 when they fit in shared memory with the q (and output) tiles, else 2.
+    A speed choice only: the slots change when a block arrives, not what is computed with it."""
+    hv = head_dim // value_splits
+    tiles = compute_wgs * BLOCK_Q * (head_dim + (hv if value_splits > 1 else 0)) * itemsize
+    slot_bytes = block_kv * (head_dim + hv) * itemsize
+    return 3 if tiles + 3 * slot_bytes <= _SMEM_BUDGET else 2
 
 
 def mosaic_attention_call(q, k, v, lo, hi, rng, *, layout, scale, soft_cap=None, block_kv=None,
-                          steps=None, compute_wgs=2):
+                          steps=None, compute_wgs=2, value_splits=1):
     """The kernel on prepared operands. Returns ``(o, lse)``, ``o`` like ``q``, ``lse`` float32.
 
     A CTA has ``compute_wgs`` (1 or 2) compute warpgroups of 64 rows each and one memory
@@ -147,6 +149,12 @@ def mosaic_attention_call(q, k, v, lo, hi, rng, *, layout, scale, soft_cap=None,
     only a few real rows and the second warpgroup would compute padding. Rows never interact, so
     ``compute_wgs`` and ``steps`` (K/V pipeline slots, default ``pipeline_steps``) are speed
     choices, not bit choices (``test_gpu_cta_height_gives_the_same_bits``).
+
+    ``value_splits`` (E): E CTAs share a row block, each computing the output columns
+    ``[e * H/E, (e + 1) * H/E)`` (``p @ v[:, cols]``) after the same full ``q . k``, ``m`` and ``l``:
+    more CTAs for small-batch decode, at the price of reading K E times. Each output column is a
+    dot over the same keys whatever the tile's width, so it is meant as a speed choice too; it is
+    kept only where the GPU test shows the same bits.
 
     * ``layout='tokens'``: ``q [B, Tp, N, H]`` (``Tp`` a multiple of ``C``), ``lo, hi [B, Tp]``,
       ``rng [B, Tp/C, 4]``; ``lse [B, N, Tp]``.
@@ -162,6 +170,10 @@ def mosaic_attention_call(q, k, v, lo, hi, rng, *, layout, scale, soft_cap=None,
     cta_rows = compute_wgs * BLOCK_Q
     nwg = compute_wgs
     h = q.shape[-1]
+    ne = int(value_splits)
+    if ne < 1 or h % ne or (h // ne) % 64:
+        raise ValueError(f"value_splits must divide head dim {h} into multiples of 64; got {value_splits!r}")
+    hv = h // ne
     block_kv = block_k(h) if block_kv is None else block_kv
     if layout == "tokens":
         b, rows, heads, _ = q.shape
@@ -171,7 +183,7 @@ def mosaic_attention_call(q, k, v, lo, hi, rng, *, layout, scale, soft_cap=None,
         group = 1
     dtype = q.dtype
     if steps is None:   # two warpgroups: the 2 slots measured in s11-2; one: 3 where they fit
-        steps = 2 if compute_wgs == 2 else pipeline_steps(h, 1, block_kv, jnp.dtype(dtype).itemsize)
+        steps = 2 if compute_wgs == 2 else pipeline_steps(h, 1, block_kv, jnp.dtype(dtype).itemsize, ne)
     assert rows % cta_rows == 0 and k.shape[1] % block_kv == 0 and h % 64 == 0, (q.shape, k.shape)
     log2e = math.log2(math.e)
 
@@ -182,11 +194,16 @@ def mosaic_attention_call(q, k, v, lo, hi, rng, *, layout, scale, soft_cap=None,
 
     def kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, rng_ref, out_ref, lse_ref, scoped):
         bi = lax.axis_index("batch")
-        hd = lax.axis_index("heads")
+        hx = lax.axis_index("heads")
+        if ne > 1:
+            hd = lax.div(hx, jnp.array(ne, hx.dtype))
+            ve = lax.rem(hx, jnp.array(ne, hx.dtype))
+        else:
+            hd, ve = hx, None
         qi = lax.axis_index("q_seq")
         wg = lax.axis_index("wg")
         kvh = lax.div(hd, jnp.array(group, hd.dtype)) if group > 1 else hd
-        (qo_smem2, k_smem, v_smem, lo_smem2, hi_smem2, lse_smem2), \
+        (qo_smem2, k_smem, v_smem, lo_smem2, hi_smem2, lse_smem2, *o_smem2), \
             (k_bar, v_bar, q_bar, lo_bar, hi_bar), (k_used, v_used), sched = scoped
         blk0 = rng_ref[bi, qi, 0]
         nsteps = rng_ref[bi, qi, 1] - blk0
@@ -215,7 +232,7 @@ def mosaic_attention_call(q, k, v, lo, hi, rng, *, layout, scale, soft_cap=None,
             m_i = plgpu.layout_cast(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32),
                                     plgpu.Layout.WGMMA.reduce(1))
             l_i = plgpu.layout_cast(jnp.full((BLOCK_Q,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-            acc = plgpu.layout_cast(jnp.full((BLOCK_Q, h), 0, jnp.float32), plgpu.Layout.WGMMA)
+            acc = plgpu.layout_cast(jnp.full((BLOCK_Q, hv), 0, jnp.float32), plgpu.Layout.WGMMA)
 
             @pl.when(nsteps > 0)
             def _():
@@ -284,12 +301,25 @@ def mosaic_attention_call(q, k, v, lo, hi, rng, *, layout, scale, soft_cap=None,
             empty = l_i == 0.0
             l_safe = jnp.where(empty, 1.0, l_i)
             lse_smem[...] = jnp.where(empty, -jnp.inf, m_i * _LN2 + jnp.log(l_safe))
-            acc /= lax.broadcast_in_dim(l_safe, (BLOCK_Q, h), [0])
-            qo_smem[...] = acc.astype(dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(qo_smem, q_slice(out_ref, bi, hd, row0))
-            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, hd, pl.ds(row0, BLOCK_Q)])
+            acc /= lax.broadcast_in_dim(l_safe, (BLOCK_Q, hv), [0])
+            if ne == 1:
+                qo_smem[...] = acc.astype(dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(qo_smem, q_slice(out_ref, bi, hd, row0))
+                plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, hd, pl.ds(row0, BLOCK_Q)])
+            else:
+                o_smem = o_smem2[0].at[wg]
+                o_smem[...] = acc.astype(dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o_smem, q_slice(out_ref, bi, hd, row0).at[:, pl.ds(ve * hv, hv)])
+
+                @pl.when(ve == 0)   # one writer per lse element
+                def _():
+                    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, hd, pl.ds(row0, BLOCK_Q)])
             plgpu.wait_smem_to_gmem(0)
+
+        def v_cols(ref):   # this CTA's value columns
+            return ref if ne == 1 else ref.at[:, pl.ds(ve * hv, hv)]
 
         @pl.when(wg == nwg)
         def _memory():
@@ -299,7 +329,7 @@ def mosaic_attention_call(q, k, v, lo, hi, rng, *, layout, scale, soft_cap=None,
                 def _(i=i):
                     sl = (bi, pl.ds((blk0 + i) * block_kv, block_kv), kvh)
                     plgpu.copy_gmem_to_smem(k_ref.at[sl], k_smem.at[i], k_bar.at[i])
-                    plgpu.copy_gmem_to_smem(v_ref.at[sl], v_smem.at[i], v_bar.at[i])
+                    plgpu.copy_gmem_to_smem(v_cols(v_ref.at[sl]), v_smem.at[i], v_bar.at[i])
 
             @pl.loop(0, jnp.maximum(nsteps - steps, 0))
             def _(step):
@@ -309,17 +339,19 @@ def mosaic_attention_call(q, k, v, lo, hi, rng, *, layout, scale, soft_cap=None,
                 plgpu.barrier_wait(k_used.at[slot])
                 plgpu.copy_gmem_to_smem(k_ref.at[sl], k_smem.at[slot], k_bar.at[slot])
                 plgpu.barrier_wait(v_used.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[sl], v_smem.at[slot], v_bar.at[slot])
+                plgpu.copy_gmem_to_smem(v_cols(v_ref.at[sl]), v_smem.at[slot], v_bar.at[slot])
 
     def entry(q_ref, k_ref, v_ref, lo_ref, hi_ref, rng_ref, out_ref, lse_ref):
         tiling = plgpu.TilingTransform((8, 64))
         swizzle = plgpu.SwizzleTransform(128)
         smem = (plgpu.SMEM((nwg, BLOCK_Q, h), dtype, transforms=(tiling, swizzle)),
                 plgpu.SMEM((steps, block_kv, h), dtype, transforms=(tiling, swizzle)),
-                plgpu.SMEM((steps, block_kv, h), dtype, transforms=(tiling, swizzle)),
+                plgpu.SMEM((steps, block_kv, hv), dtype, transforms=(tiling, swizzle)),
                 plgpu.SMEM((nwg, BLOCK_Q), jnp.int32),
                 plgpu.SMEM((nwg, BLOCK_Q), jnp.int32),
                 plgpu.SMEM((nwg, BLOCK_Q), jnp.float32))
+        if ne > 1:   # the output tile of this CTA's value columns (q's tile is wider)
+            smem += (plgpu.SMEM((nwg, BLOCK_Q, hv), dtype, transforms=(tiling, swizzle)),)
         pl.run_scoped(
             lambda *args: kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, rng_ref, out_ref, lse_ref, args),
             smem,
@@ -335,7 +367,7 @@ def mosaic_attention_call(q, k, v, lo, hi, rng, *, layout, scale, soft_cap=None,
     return plgpu.kernel(
         entry,
         out_type=(jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct(lse_shape, jnp.float32)),
-        grid=(heads, rows // cta_rows, b),
+        grid=(heads * ne, rows // cta_rows, b),
         grid_names=("heads", "q_seq", "batch"),
         num_threads=nwg + 1,
         thread_name="wg",
@@ -352,12 +384,13 @@ def _pad_to(x, axis, size):
 
 
 def forward(q, k, v, q_positions, kv_lengths, *, causal, sliding_window, soft_cap, scale,
-            layout=None, compute_wgs=None, steps=None):
+            layout=None, compute_wgs=None, steps=None, value_splits=1):
     """Public-layout attention through the kernel: ``q [B, T, N, H]``, ``k, v [B, S, K, H]``,
     ``q_positions [B, T]``, ``kv_lengths [B]`` (checked by the caller). Returns
     ``(o [B, T, N, H], lse [B, T, N] float32)``. ``layout``: ``'tokens'``, ``'packed'`` or
-    ``None`` (``default_layout(T)``); ``compute_wgs`` (1 or 2; ``None``: ``default_compute_wgs``)
-    and ``steps`` (K/V pipeline slots); none of them changes the bits. Traceable on any platform."""
+    ``None`` (``default_layout(T)``); ``compute_wgs`` (1 or 2; ``None``: ``default_compute_wgs``),
+    ``steps`` (K/V pipeline slots) and ``value_splits`` (see ``mosaic_attention_call``); none of
+    them is meant to change the bits. Traceable on any platform."""
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
     g = n // kh
@@ -384,7 +417,8 @@ def forward(q, k, v, q_positions, kv_lengths, *, causal, sliding_window, soft_ca
         lo, hi = (pack_row_ints(a, g, rp) for a in (lo, hi))   # padding rows: [0, 0)
     rng = block_ranges(lo, hi, rows, bk, cta)
     o, lse = mosaic_attention_call(qx, kp, vp, lo, hi, rng, layout=layout, scale=scale,
-                                   soft_cap=soft_cap, block_kv=bk, steps=steps, compute_wgs=wgs)
+                                   soft_cap=soft_cap, block_kv=bk, steps=steps, compute_wgs=wgs,
+                                   value_splits=value_splits)
     if layout == "tokens":
         return o[:, :t, :, :h], lse[:, :, :t].transpose(0, 2, 1)
     return unpack_rows(o, t, n, h), unpack_row_scalars(lse, t, n)

@@ -110,20 +110,22 @@ LOWER_CASES = {
 }
 
 
-@pytest.mark.parametrize("wgs", [None, 1, 2])
+@pytest.mark.parametrize("wgs,ve", [(None, 1), (1, 1), (2, 1), (1, 2)])
 @pytest.mark.parametrize("layout", ["tokens", "packed"])
 @pytest.mark.parametrize("name", list(LOWER_CASES))
-def test_lowers_for_cuda(name, layout, wgs):
+def test_lowers_for_cuda(name, layout, wgs, ve):
     """Pallas -> Mosaic GPU lowering of the whole forward (layout, block ranges, kernel) for
     CUDA, on whatever machine runs the tests, in both row layouts, with one or two compute
-    warpgroups per CTA (None: the default for the shape)."""
+    warpgroups per CTA (None: the default for the shape) and split value columns."""
+    ve = ve if M.padded_head_dim(LOWER_CASES[name][6]) >= 128 else 1
     dt, b, t, s, n, kh, h, opt = LOWER_CASES[name]
     q, k, v = qkv(1, b, t, s, n, kh, h, dt)
     lengths = jnp.full((b,), s, jnp.int32) if not opt.get("lengths") else jnp.array([s, s // 2], jnp.int32)
     pos = (lengths[:, None] - 1) if opt.get("decode") else K.default_q_positions(b, t, s)
     f = lambda q, k, v, p, l: M.forward(  # noqa: E731
         q, k, v, p, l, causal=opt.get("causal", True), sliding_window=opt.get("sliding_window"),
-        soft_cap=opt.get("soft_cap"), scale=h ** -0.5, layout=layout, compute_wgs=wgs)
+        soft_cap=opt.get("soft_cap"), scale=h ** -0.5, layout=layout, compute_wgs=wgs,
+        value_splits=ve)
     text = jax.jit(f).trace(q, k, v, pos, lengths).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text and "wgmma" in text
 
@@ -139,6 +141,9 @@ def test_compute_warpgroups_default_and_bad_values():
     with pytest.raises(ValueError, match="compute_wgs must be"):
         M.forward(q, k, v, pos, lens, causal=True, sliding_window=None, soft_cap=None, scale=0.1,
                   compute_wgs=3)
+    with pytest.raises(ValueError, match="value_splits must divide"):
+        M.forward(q, k, v, pos, lens, causal=True, sliding_window=None, soft_cap=None, scale=0.1,
+                  value_splits=2)   # head dim 64: no 64-column parts
 
 
 def test_block_k_by_head_dim():
@@ -234,8 +239,9 @@ def test_gpu_layouts_give_the_same_bits(dtype):
 @gpu_only
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_gpu_cta_height_gives_the_same_bits(dtype):
-    """One compute warpgroup per CTA (64 rows, decode's default) or two (128 rows, prefill's), and
-    2 or 3 K/V pipeline slots: the same bits, in both layouts (rows never interact)."""
+    """One compute warpgroup per CTA (64 rows, decode's default) or two (128 rows, prefill's),
+    2 or 3 K/V pipeline slots, value columns split over 1, 2 or 4 CTAs: the same bits, in both
+    layouts (rows never interact, output columns are dots over the same keys)."""
     cases = [((2, 5, 1000, 8, 4, 256), dict(soft_cap=50.0, lengths=(1000, 613))),
              ((3, 1, 777, 8, 1, 128), dict(sliding_window=300, lengths=(777, 65, 1))),
              ((2, 300, 300, 8, 2, 128), {}),
@@ -244,15 +250,17 @@ def test_gpu_cta_height_gives_the_same_bits(dtype):
         q, k, v = qkv(90 + i, b, t, s, n, kh, h, dtype)
         lens = jnp.array(opt.get("lengths", (s,) * b), jnp.int32)
         pos = jnp.maximum(lens[:, None] - t + jnp.arange(t, dtype=jnp.int32)[None], 0)
-        run = lambda layout, wgs, steps: bits(M.forward(  # noqa: E731
+        run = lambda layout, wgs, steps, ve=1: bits(M.forward(  # noqa: E731
             q, k, v, pos, lens, causal=opt.get("causal", True),
             sliding_window=opt.get("sliding_window"), soft_cap=opt.get("soft_cap"),
-            scale=h ** -0.5, layout=layout, compute_wgs=wgs, steps=steps)[0])
+            scale=h ** -0.5, layout=layout, compute_wgs=wgs, steps=steps, value_splits=ve)[0])
         ref = run("packed", 2, 2)
-        for layout, wgs, steps in (("packed", 1, 2), ("packed", 1, 3), ("tokens", 1, None),
-                                   ("tokens", 2, None), ("packed", None, None)):
-            got = run(layout, wgs, steps)
-            assert np.array_equal(got, ref), (i, layout, wgs, steps, int(np.sum(got != ref)))
+        configs = [("packed", 1, 2), ("packed", 1, 3), ("tokens", 1, None), ("tokens", 2, None),
+                   ("packed", None, None)]
+        configs += [("packed", 1, None, ve) for ve in (2, 4) if h // ve >= 64]
+        for cfg in configs:
+            got = run(*cfg)
+            assert np.array_equal(got, ref), (i, cfg, int(np.sum(got != ref)))
 
 
 @gpu_only

@@ -1,5 +1,6 @@
 """Session 12, run 1: Mosaic decode with one compute warpgroup per CTA (64 rows) against two
-(128 rows, session 11's decode), and 2 vs 3 K/V pipeline slots; same bits checked at every shape.
+(128 rows, session 11's decode), 2 vs 3 K/V pipeline slots, and value columns split over E = 2 or 4
+CTAs; same bits checked at every shape.
 Also XLA's decode and detjax's default (Triton) decode for reference. Device time (CUPTI), median.
 
     PYTHONPATH=. python results/2026-12-03-h200/s12_1_decode_wgs.py
@@ -43,18 +44,19 @@ for b, s, kh, h, cap in shapes:
                     q, kc, vc, lengths, iters=ITERS)
     row += [f"xla {t_x * 1e3:7.1f} us", f"triton {t_t * 1e3:7.1f} us ({100 * nbytes / t_t / 1e6 / copy:4.1f}%)"]
     ref = None
-    for wgs, steps in ((2, 2), (1, 2), (1, 3)):
-        f = lambda q, kc, vc, p, l, wgs=wgs, steps=steps: M.forward(  # noqa: E731
+    configs = [(2, 2, 1), (1, 2, 1), (1, 3, 1)] + [(1, None, e) for e in (2, 4) if h // e >= 64]
+    for wgs, steps, ve in configs:
+        f = lambda q, kc, vc, p, l, wgs=wgs, steps=steps, ve=ve: M.forward(  # noqa: E731
             q, kc, vc, p, l, causal=True, sliding_window=None, soft_cap=cap, scale=h ** -0.5,
-            layout="packed", compute_wgs=wgs, steps=steps)[0]
+            layout="packed", compute_wgs=wgs, steps=steps, value_splits=ve)[0]
         try:
             out = np.asarray(jax.jit(f)(q, kc, vc, pos, lengths)).view(np.uint16)
             t = device_ms(f, q, kc, vc, pos, lengths, iters=ITERS)
         except Exception as e:  # e.g. 3 slots not fitting in shared memory
-            row.append(f"wg{wgs}/s{steps}: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
+            row.append(f"wg{wgs}/s{steps}/E{ve}: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
             continue
         same = "" if ref is None else (" same" if np.array_equal(out, ref) else " DIFFERENT")
         ref = out if ref is None else ref
-        row.append(f"wg{wgs}/s{steps} {t * 1e3:7.1f} us ({100 * nbytes / t / 1e6 / copy:4.1f}%){same}")
+        row.append(f"wg{wgs}/s{steps}/E{ve} {t * 1e3:7.1f} us ({100 * nbytes / t / 1e6 / copy:4.1f}%){same}")
     print(" | ".join(row), flush=True)
 sys.exit(0)
