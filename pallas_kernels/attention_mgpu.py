@@ -73,8 +73,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.attention import (pack_row_ints, pack_rows, row_bounds, unpack_row_scalars,
-                                      unpack_rows)
+from pallas_kernels.attention import (DECODE_TARGET_PROGRAMS, pack_row_ints, pack_rows, row_bounds,
+                                      unpack_row_scalars, unpack_rows)
 from pallas_kernels.order import MGPU_ATTN_BLOCK_K, MGPU_ATTN_BLOCK_K_NARROW
 
 BLOCK_Q = 64          # rows per compute warpgroup (wgmma's M)
@@ -104,6 +104,20 @@ def default_compute_wgs(layout: str, real_rows: int) -> int:
     """Compute warpgroups per CTA: one when the packed rows of a KV head fit in one warpgroup's 64
     (a decode step: ``T * G <= 64``), else two. A speed choice, not a bit choice."""
     return 1 if layout == "packed" and real_rows <= BLOCK_Q else 2
+
+
+def default_value_splits(head_dim: int, ctas: int, compute_wgs: int) -> int:
+    """Value-column split E of a launch of ``ctas`` CTAs (before splitting): only for
+    one-warpgroup (decode) CTAs, doubled while the parts keep >= 64 columns and the grid stays
+    within ``DECODE_TARGET_PROGRAMS`` (2 per SM), the Triton decode's rule. Run s12-1 (H200): the
+    best of E = 1, 2, 4 at 9 of 9 decode shapes (gemma2_2b B8 cache 768: 24.3 -> 20.8 us; B64:
+    E = 1). A speed choice: the same bits for every E (``test_gpu_cta_height_gives_the_same_bits``)."""
+    e = 1
+    if compute_wgs != 1:
+        return e
+    while head_dim // (2 * e) >= 64 and ctas * 2 * e <= DECODE_TARGET_PROGRAMS:
+        e *= 2
+    return e
 
 
 def block_ranges(lo, hi, real_rows: int, block_kv: int, cta_rows: int = CTA_ROWS):
@@ -384,13 +398,13 @@ def _pad_to(x, axis, size):
 
 
 def forward(q, k, v, q_positions, kv_lengths, *, causal, sliding_window, soft_cap, scale,
-            layout=None, compute_wgs=None, steps=None, value_splits=1):
+            layout=None, compute_wgs=None, steps=None, value_splits=None):
     """Public-layout attention through the kernel: ``q [B, T, N, H]``, ``k, v [B, S, K, H]``,
     ``q_positions [B, T]``, ``kv_lengths [B]`` (checked by the caller). Returns
     ``(o [B, T, N, H], lse [B, T, N] float32)``. ``layout``: ``'tokens'``, ``'packed'`` or
     ``None`` (``default_layout(T)``); ``compute_wgs`` (1 or 2; ``None``: ``default_compute_wgs``),
-    ``steps`` (K/V pipeline slots) and ``value_splits`` (see ``mosaic_attention_call``); none of
-    them is meant to change the bits. Traceable on any platform."""
+    ``steps`` (K/V pipeline slots) and ``value_splits`` (see ``mosaic_attention_call``; ``None``:
+    ``default_value_splits``); none of them changes the bits. Traceable on any platform."""
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
     g = n // kh
@@ -416,6 +430,9 @@ def forward(q, k, v, q_positions, kv_lengths, *, causal, sliding_window, soft_ca
         rp = qx.shape[2]
         lo, hi = (pack_row_ints(a, g, rp) for a in (lo, hi))   # padding rows: [0, 0)
     rng = block_ranges(lo, hi, rows, bk, cta)
+    if value_splits is None:
+        value_splits = default_value_splits(hm, rng.shape[0] * rng.shape[1] * (n if layout == "tokens" else kh),
+                                            wgs)
     o, lse = mosaic_attention_call(qx, kp, vp, lo, hi, rng, layout=layout, scale=scale,
                                    soft_cap=soft_cap, block_kv=bk, steps=steps, compute_wgs=wgs,
                                    value_splits=value_splits)
