@@ -23,7 +23,15 @@ Two layouts of rows, one per-row arithmetic
 A row's result does not depend on which rows share its CTA: the dots are wgmma tiles whose rows
 never interact, every reduction is per row, and a block outside a row's interval is an exact
 no-op for that row. So the layout is a speed choice, not a bit choice
-(``test_gpu_layouts_give_the_same_bits``).
+(``test_gpu_layouts_give_the_same_bits``). The same holds for the CTA's height and the value
+split (``test_gpu_cta_height_gives_the_same_bits``, run s12-2):
+
+* prefill CTAs have two compute warpgroups of 64 rows taking turns on the tensor cores; a CTA
+  whose packed rows fit in 64 (a decode step: ``T * G <= 64``) has one, so no warpgroup computes
+  padding rows, and 3 K/V pipeline slots where they fit in shared memory;
+* at small batch, decode splits the value columns over ``E`` = 2 or 4 CTAs
+  (``default_value_splits``): each computes the same full ``q . k``, ``m`` and ``l`` and its own
+  output columns ``p @ v[:, cols]``, a dot over the same keys whatever the tile's width.
 
 Reduction order (see also ``pallas_kernels/order.py``)
 ----------------------------------------------------
@@ -53,14 +61,17 @@ Reduction order (see also ``pallas_kernels/order.py``)
 Not covered (use ``detjax.ops.attention``): float32; non-finite *values* in a visited block
 outside a row's interval (a NaN/inf value past a sequence's length in the cache's last visited
 block reaches the row as ``0 * NaN`` in ``p @ v``: keep caches finite, e.g. zero-initialised;
-non-finite *keys* there are harmless); splits for long-cache decode at small batch (one CTA walks
-the whole cache: B8 8k keys is 2.2x slower than the split Triton decode, run s10-6).
+non-finite *keys* there are harmless); key splits for long-cache decode at small batch (a CTA
+walks the whole cache: B8 with 8k keys at head dim 128 takes 80 us against the split Triton
+decode's 65 us, B1 with one KV head 80 vs 35 us; run s12-1).
 
 GPU evidence (H200, runs s11-1/s11-2 in ``results/``): the tests of ``tests/test_mosaic_attention.py``
 and ``tests/test_model_mosaic.py`` pass (accuracy, the two layouts bitwise equal, batch / vmap /
 run to run, decode = prefill at head dims 128 and 256, gradients, the model's generation);
 prefill at 0.87-0.96x cuDNN on the attention issue's 16 shapes; decode at 97% of the copy
-bandwidth at B64 with 8k keys, 28% at B8 (no splits).
+bandwidth at B64 with 8k keys (s11-2). Runs s12-1 to s12-3: decode at the gemma2_2b shape (B8,
+768 keys, head dim 256) 20.8 us (XLA 22.2, the Triton path 43.4); gemma2_2b generation with
+``attention_kernel='mosaic'`` at 1.13 / 0.91 / 1.15x XLA (B1 / B8 / B64).
 """
 
 from __future__ import annotations

@@ -37,8 +37,10 @@ or ``deterministic``, so not part of ``KERNELS_VERSION``):
   splits** (one online softmax per row; decode runs the same kernel), logits in the base-2 domain
   with ``ex2.approx``, the mask applied to the max's input and to ``p`` (never inside the
   ``s -> p`` chain), the row sums reduced by Mosaic GPU's fixed per-row tree. Its bits differ from
-  the Triton attention's. Rows are packed (token, query head) rows or one query head's tokens: the
-  layout does not change a row's bits.
+  the Triton attention's. Rows are packed (token, query head) rows or one query head's tokens, in
+  CTAs of one or two 64-row warpgroups, with the value columns split over up to 4 CTAs in
+  small-batch decode: none of these changes a row's bits (each output column is a dot over the
+  same keys; checked on the GPU).
 
 TPU (``pallas_kernels/tpu.py``, backends ``tpu`` and ``tpu-interpret``) keeps the common rule but
 not the GPU's tile shapes, so its bits differ from the GPU's and the CPU interpreter's:
