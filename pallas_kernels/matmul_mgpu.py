@@ -21,29 +21,37 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 TILE_M = 64
+_SEMANTICS = plgpu.LoweringSemantics.Lane
 
 
-def _transforms(minor_elems: int, itemsize: int):
-    swizzle = plgpu.find_swizzle(minor_elems * itemsize * 8)
+def _transforms(minor_elems: int, itemsize: int, swizzle: int | None = None):
+    swizzle = swizzle or plgpu.find_swizzle(minor_elems * itemsize * 8)
     return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
 def mgpu_matmul_call(a, b, *, tile_n: int = 64, tile_k: int = 64, steps: int = 6, out_dtype=None):
-    """``a @ b`` with f32 accumulation; ``a [Mp, K]``, ``b [K, N]`` (see the module docstring)."""
+    """``a @ b`` with f32 accumulation. ``a [Mp, K]``; ``b [K, N]``, or ``[G, K, H]`` read in place
+    as the ``[K, G * H]`` weight whose column ``g * H + h`` is ``b[g, :, h]`` (Gemma's head
+    projections; ``H`` a multiple of ``tile_n``). Returns ``[Mp, N]`` (``N = G * H``)."""
+    b3 = b if b.ndim == 3 else b[None]
     mp, k = a.shape
-    k2, n = b.shape
+    g, k2, h = b3.shape
+    n = g * h
     if k2 != k:
-        raise ValueError(f"b must be [K, N] with K = {k}; got b.shape {b.shape}")
+        raise ValueError(f"b must be [K, N] or [G, K, H] with K = {k}; got b.shape {b.shape}")
     if a.dtype != b.dtype or a.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(f"a and b must both be bfloat16 or float16; got {a.dtype}, {b.dtype}")
-    if mp % TILE_M or n % tile_n or k % tile_k:
-        raise ValueError(f"need M % {TILE_M} == N % tile_n == K % tile_k == 0; got a {a.shape}, "
+    if mp % TILE_M or h % tile_n or k % tile_k:
+        raise ValueError(f"need M % {TILE_M} == H % tile_n == K % tile_k == 0; got a {a.shape}, "
                          f"b {b.shape}, tile_n {tile_n}, tile_k {tile_k}")
     out_dtype = jnp.dtype(out_dtype or a.dtype)
     isz = jnp.dtype(a.dtype).itemsize
-    ta, tb = _transforms(tile_k, isz), _transforms(tile_n, isz)
+    # wgmma needs one swizzle for both operands: the narrower of the two tiles' minor dims sets it
+    swizzle = min(plgpu.find_swizzle(tile_k * isz * 8), plgpu.find_swizzle(tile_n * isz * 8))
+    ta, tb = _transforms(tile_k, isz, swizzle), _transforms(tile_n, isz, swizzle)
     to = _transforms(tile_n, out_dtype.itemsize)
     k_iters = k // tile_k
+    tiles_h = h // tile_n
 
     def get_pipeline(body, compute_context):
         return plgpu.emit_pipeline_warp_specialized(
@@ -59,14 +67,15 @@ def mgpu_matmul_call(a, b, *, tile_n: int = 64, tile_k: int = 64, steps: int = 6
         ignore = lambda *_, **__: None
 
         @functools.partial(pl.run_scoped,
-                           allocs=get_pipeline(ignore, ignore).get_allocations(a_gmem, b_gmem),
+                           allocs=get_pipeline(ignore, ignore).get_allocations(
+                               a_gmem, b_gmem.at[0]),
                            out_smem=plgpu.SMEM((TILE_M, tile_n), out_dtype, transforms=to),
                            collective_axes="wg")
         def _scope(allocs, out_smem):
             ni = lax.axis_index("n")
             mi = lax.axis_index("m")
             rows = pl.ds(mi * TILE_M, TILE_M)
-            cols = pl.ds(ni * tile_n, tile_n)
+            gi, hi = ni // tiles_h, lax.rem(ni, tiles_h)
 
             def compute_context(eval_pipeline):
                 @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((TILE_M, tile_n), jnp.float32))
@@ -74,7 +83,7 @@ def mgpu_matmul_call(a, b, *, tile_n: int = 64, tile_k: int = 64, steps: int = 6
                     eval_pipeline(acc_ref)
                     out_smem[...] = acc_ref[...].astype(out_dtype)
                     plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[rows, cols])
+                    plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[rows, pl.ds(ni * tile_n, tile_n)])
                     plgpu.wait_smem_to_gmem(0)
 
             def body(_, a_smem, b_smem, acc_ref):
@@ -82,8 +91,9 @@ def mgpu_matmul_call(a, b, *, tile_n: int = 64, tile_k: int = 64, steps: int = 6
                 plgpu.wgmma_wait(0)
                 return acc_ref
 
-            get_pipeline(body, compute_context)(a_gmem.at[rows, :], b_gmem.at[:, cols],
-                                                allocations=allocs)
+            get_pipeline(body, compute_context)(
+                a_gmem.at[rows, :], b_gmem.at[gi].at[:, pl.ds(hi * tile_n, tile_n)],
+                allocations=allocs)
 
     return plgpu.kernel(
         kernel,
@@ -92,8 +102,8 @@ def mgpu_matmul_call(a, b, *, tile_n: int = 64, tile_k: int = 64, steps: int = 6
         grid_names=("n", "m"),
         num_threads=2,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-    )(a, b)
+        compiler_params=plgpu.CompilerParams(lowering_semantics=_SEMANTICS),
+    )(a, b3)
 
 
 def matmul(a, b, **kw):
