@@ -278,6 +278,12 @@ def matmul_kernel_call(a, b, *, transpose_b=False, out_dtype=None, precision="hi
     acc_dtype = jnp.float64 if a.dtype == jnp.float64 else jnp.float32
     if 0 in (B, M, N):
         return jnp.zeros((B, M, N), out_dtype)
+    if (be == "gpu" and B == 1 and not transpose_b and config is None and split_rows is None
+            and tail_config is None):
+        from pallas_kernels import matmul_mgpu
+        tile = matmul_mgpu.mgpu_tile_for(M, N, N, K, a.dtype)
+        if tile is not None and matmul_mgpu.hopper_available():   # the same bits, faster here
+            return matmul_mgpu.matmul(a[0], b[0], tile=tile, out_dtype=out_dtype)[None]
     if be == "gpu":
         auto = config is None and split_rows is None
         cfg = config or gpu_config_for(M, N, K, fma=uses_fma(a.dtype, precision))
@@ -442,6 +448,14 @@ def grouped_matmul_call(a, weights, *, out_dtype=None, precision="highest", back
     hs = [w.shape[2] for w in weights]
     n_total = sum(w.shape[0] * w.shape[2] for w in weights)
     cfg = None
+    if be == "gpu" and config is None:
+        from pallas_kernels import matmul_mgpu
+        tiles = [matmul_mgpu.mgpu_tile_for(M, w.shape[2], w.shape[0] * w.shape[2], K, a.dtype)
+                 for w in weights]
+        if all(t is not None for t in tiles) and matmul_mgpu.hopper_available():
+            # one Mosaic launch per weight (the same bits as the grouped Triton launch)
+            return tuple(matmul_mgpu.matmul(a, w, tile=t, out_dtype=out_dtype)
+                         for w, t in zip(weights, tiles))
     if be == "gpu" or _interpret_kernel:
         cfg = config or (gpu_config_for(M, n_total, K, fma=uses_fma(a.dtype, precision))
                          if be == "gpu"

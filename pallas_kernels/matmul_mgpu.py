@@ -1,18 +1,25 @@
-"""Mosaic GPU matmul for few rows (Hopper; experimental, measured against the Triton kernel).
+"""Mosaic GPU matmul for few rows (Hopper): the default path's kernel for some decode shapes.
 
 Reduction order: the one of ``pallas_kernels/matmul.py`` (see ``order.py``): ``K`` in tiles from
 k = 0, ascending, one f32 accumulator per output element, the tile product being the tensor core's
 16-wide k-steps in ascending k (here ``wgmma``, which the Triton kernel also issues for 64-row
-tiles). No split-K. The question this kernel answers on the GPU: does a TMA-fed, warp-specialized
-pipeline (one compute warpgroup of 64 rows, one memory warpgroup) give the Triton kernel's bits
-and read decode-shape weights (M <= 64) closer to the copy bandwidth?
+tiles). No split-K. So it gives the Triton kernel's bits: on an H200 (session 13, runs s13-2 and
+s13-3) at 186 of 186 tile/shape pairs, bf16 and f16, M = 1, 7, 8, 33, 64, N tiles 16 to 128, K
+tiles 64 to 256, 3 to 8 pipeline slots; ``tests/test_matmul.py::test_gpu_mosaic_matmul_gives_the_
+triton_bits`` keeps checking it. A TMA-fed, warp-specialized pipeline (one compute warpgroup of 64
+rows, one memory warpgroup, one CTA per ``tile_n`` output columns) reads wide decode weights
+faster than the Triton kernel (``mgpu_tile_for`` has the measured rule), so
+``matmul_kernel_call`` and ``grouped_matmul_call`` dispatch those shapes here on Hopper GPUs.
+The dispatch is by shape only, and every choice gives the same bits.
 
 Shapes: ``a [Mp, K]`` with ``Mp`` a multiple of 64, ``b [K, N]`` with ``N`` a multiple of
 ``tile_n`` and ``K`` a multiple of ``tile_k`` (``matmul`` pads ``a``'s rows and slices them off).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +29,53 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 TILE_M = 64
 _SEMANTICS = plgpu.LoweringSemantics.Lane
+
+#: ``DETJAX_MOSAIC_MATMUL=0`` keeps every matmul on the Triton kernel (same bits; for comparisons).
+ENABLED = os.environ.get("DETJAX_MOSAIC_MATMUL", "1") != "0"
+
+
+@dataclasses.dataclass(frozen=True)
+class MgpuTile:
+    tile_n: int
+    tile_k: int
+    steps: int
+
+
+#: Wide weights (N >= WIDE_MIN_N): 128 x 128 tiles, 4 slots. H200, bf16, gemma2_2b up projection
+#: (K 2304, N 9216), with the row pad/slice: M = 8 13.5 us vs Triton 16.1 (XLA 12.3); M = 64
+#: 12.9 vs 20.1 (XLA 23.1) (s13-3).
+WIDE = MgpuTile(128, 128, 4)
+WIDE_MIN_N = 6144
+#: Deep weights (K >= DEEP_MIN_K) at 16 < M <= 64: 64 x 256 tiles, 3 slots. gemma2_2b down
+#: projection (K 9216, N 2304), M = 64: 21.5 us vs Triton 26.5 (XLA 21.7); at M <= 8 it only ties
+#: the Triton kernel (22.2 vs 22.0 us), so small M stays there (s13-3).
+DEEP = MgpuTile(64, 256, 3)
+DEEP_MIN_K = 8192
+
+
+def mgpu_tile_for(m: int, h: int, n: int, k: int, dtype) -> MgpuTile | None:
+    """The Mosaic tile for ``[m, k] x [k, n]`` (a weight of ``n`` columns in groups of ``h``), or
+    ``None`` where the Triton kernel is as fast or the shape is not measured (M > 64, float32,
+    K not a multiple of the K tile, H not a multiple of the N tile). Same bits either way."""
+    if not ENABLED or jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return None
+    if not 1 <= m <= TILE_M:
+        return None
+    if n >= WIDE_MIN_N and h % WIDE.tile_n == 0 and k % WIDE.tile_k == 0:
+        return WIDE
+    if m > 16 and k >= DEEP_MIN_K and h % DEEP.tile_n == 0 and k % DEEP.tile_k == 0:
+        return DEEP
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def hopper_available() -> bool:
+    """Whether the default device is a Hopper GPU (compute capability 9.x: wgmma)."""
+    try:
+        dev = jax.devices()[0]
+        return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
+    except Exception:  # noqa: BLE001 - no device query: take the Triton kernel
+        return False
 
 
 def _transforms(minor_elems: int, itemsize: int, swizzle: int | None = None):
@@ -106,8 +160,12 @@ def mgpu_matmul_call(a, b, *, tile_n: int = 64, tile_k: int = 64, steps: int = 6
     )(a, b3)
 
 
-def matmul(a, b, **kw):
-    """``[M, K] x [K, N]`` for any ``M``: rows padded to a multiple of 64, then sliced off."""
+def matmul(a, b, *, tile: MgpuTile | None = None, **kw):
+    """``[M, K] x [K, N]`` (or ``[G, K, H]``) for any ``M``: rows padded to a multiple of 64, then
+    sliced off (padding rows never meet real ones: wgmma rows are independent). ``tile``: an
+    ``MgpuTile`` (or pass ``tile_n``/``tile_k``/``steps``)."""
+    if tile is not None:
+        kw = dict(tile_n=tile.tile_n, tile_k=tile.tile_k, steps=tile.steps, **kw)
     m = a.shape[0]
     mp = -(-m // TILE_M) * TILE_M
     ap = a if mp == m else jnp.pad(a, ((0, mp - m), (0, 0)))

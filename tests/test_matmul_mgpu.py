@@ -1,0 +1,137 @@
+"""The Mosaic GPU matmul (pallas_kernels/matmul_mgpu.py) that the default path uses for some decode
+shapes on Hopper GPUs.
+
+The dispatch is allowed only because the kernel gives the Triton kernel's bits (same K order: 64-
+aligned tiles from k = 0, one f32 accumulator, the tensor core's k-steps). On CPU: the dispatch
+rule, argument errors, and that every tile the rule picks lowers for CUDA (plain and [G, K, H]
+weights, bf16/f16 inputs, bf16/f16/f32 outputs). On a Hopper GPU: the Mosaic output equals the
+Triton kernel's bit for bit at non-aligned M (1, 7, 33, 64) and at the gemma2_2b decode shapes,
+``detjax.ops.matmul`` stays batch-invariant across the dispatch boundary (M = 64 Mosaic, M = 65
+Triton), and the negative control (XLA's dot at the same shapes) changes with M.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from detjax import ops
+from pallas_kernels import matmul as mm
+from pallas_kernels import matmul_mgpu as mg
+
+HOPPER = mg.hopper_available()
+hopper_only = pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (Mosaic GPU wgmma)")
+
+
+def bits(x):
+    x = np.asarray(x)
+    return x.view(np.uint32 if x.dtype == np.float32 else np.uint16)
+
+
+def randn(seed, shape, dtype):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU
+
+
+def test_dispatch_rule():
+    bf = jnp.bfloat16
+    assert mg.mgpu_tile_for(8, 9216, 9216, 2304, bf) == mg.WIDE          # up projection, decode
+    assert mg.mgpu_tile_for(64, 9216, 9216, 2304, jnp.float16) == mg.WIDE
+    assert mg.mgpu_tile_for(33, 2304, 2304, 9216, bf) == mg.DEEP         # down projection, M > 16
+    assert mg.mgpu_tile_for(8, 2304, 2304, 9216, bf) is None             # ties Triton: stays there
+    assert mg.mgpu_tile_for(65, 9216, 9216, 2304, bf) is None            # beyond one 64-row tile
+    assert mg.mgpu_tile_for(8, 9216, 9216, 2304, jnp.float32) is None    # f32: Triton FMA tiles
+    assert mg.mgpu_tile_for(8, 9200, 9200, 2304, bf) is None             # N not a tile multiple
+    assert mg.mgpu_tile_for(8, 9216, 9216, 2300, bf) is None             # K not a tile multiple
+    assert mg.mgpu_tile_for(8, 256, 2048, 2304, bf) is None              # narrow: q projection
+
+
+def test_bad_input():
+    a, b = jnp.zeros((64, 256), jnp.bfloat16), jnp.zeros((256, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match="K = 256"):
+        mg.mgpu_matmul_call(a, b[:128])
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        mg.mgpu_matmul_call(a.astype(jnp.float32), b.astype(jnp.float32))
+    with pytest.raises(ValueError, match="M % 64"):
+        mg.mgpu_matmul_call(a[:8], b, tile_n=128, tile_k=128)
+
+
+@pytest.mark.parametrize("m,k,b_shape,dtype,out_dtype", [
+    (7, 2304, (2304, 9216), jnp.bfloat16, jnp.float32),      # WIDE, f32 output
+    (64, 2304, (1, 2304, 9216), jnp.float16, jnp.float16),   # WIDE, [G, K, H] weight
+    (2, 1024, (2, 1024, 4096), jnp.bfloat16, jnp.bfloat16),  # WIDE, two groups
+    (33, 9216, (9216, 2304), jnp.float16, jnp.float16),      # DEEP
+    (17, 8192, (8192, 64), jnp.bfloat16, jnp.float32),       # DEEP, one column tile, f32 output
+])
+def test_lowers_for_cuda(m, k, b_shape, dtype, out_dtype):
+    n = b_shape[-1] * (b_shape[0] if len(b_shape) == 3 else 1)
+    tile = mg.mgpu_tile_for(m, b_shape[-1], n, k, dtype)
+    assert tile is not None
+    a = jax.ShapeDtypeStruct((m, k), dtype)
+    b = jax.ShapeDtypeStruct(b_shape, dtype)
+    text = jax.jit(lambda a, b: mg.matmul(a, b, tile=tile, out_dtype=out_dtype)).trace(a, b).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU (Hopper)
+
+SHAPES = [(2304, 9216), (9216, 2304), (2048, 6144), (4096, 8192)]
+
+
+@hopper_only
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_gpu_mosaic_matmul_gives_the_triton_bits(dtype):
+    """Every tile of both kernels, at the shapes the rule dispatches and others: the same bits."""
+    checked = 0
+    for si, (k, n) in enumerate(SHAPES):
+        w = randn(100 + si, (k, n), dtype)
+        for m in (1, 7, 33, 64):
+            a = randn(m + si, (m, k), dtype)
+            ref = mm.matmul_kernel_call(a[None], w[None], config=mm.gpu_config_for(m, n, k))[0]
+            for tile in (mg.WIDE, mg.DEEP, mg.MgpuTile(32, 128, 4)):
+                if n % tile.tile_n or k % tile.tile_k:
+                    continue
+                out = jax.jit(lambda a, w, t=tile: mg.matmul(a, w, tile=t))(a, w)
+                np.testing.assert_array_equal(bits(out), bits(ref), err_msg=f"M={m} K={k} N={n} {tile}")
+                checked += 1
+            out32 = mg.matmul(a, w, tile=mg.WIDE if n % 128 == 0 else mg.DEEP, out_dtype=jnp.float32)
+            ref32 = mm.matmul_kernel_call(a[None], w[None], out_dtype=jnp.float32,
+                                          config=mm.gpu_config_for(m, n, k))[0]
+            np.testing.assert_array_equal(bits(out32), bits(ref32), err_msg=f"f32 out M={m} K={k} N={n}")
+    assert checked >= 30
+
+
+@hopper_only
+def test_gpu_grouped_weights_give_the_triton_bits():
+    """[G, K, H] weights read in place (Gemma's gate/up) = the grouped Triton launch."""
+    a = randn(0, (8, 2304), jnp.bfloat16)
+    ws = (randn(1, (1, 2304, 9216), jnp.bfloat16), randn(2, (2, 2304, 4096), jnp.bfloat16))
+    outs = mm.grouped_matmul_call(a, ws)   # dispatched to Mosaic: both weights are wide
+    cfg = mm.gpu_config_for(8, sum(w.shape[0] * w.shape[2] for w in ws), 2304)
+    refs = mm.grouped_matmul_call(a, ws, config=cfg)   # an explicit tile: the Triton launch
+    for o, r in zip(outs, refs):
+        np.testing.assert_array_equal(bits(o), bits(r))
+
+
+@hopper_only
+@pytest.mark.parametrize("k,n", [(2304, 9216), (9216, 2304)])
+def test_gpu_batch_invariance_across_the_dispatch_boundary(k, n):
+    """Rows of ``x[:m] @ W`` for m on both sides of the dispatch (1, 8, 33, 64: Mosaic where the
+    rule says so; 65, 300: Triton) equal the rows of the full product; XLA's dot does not."""
+    x = randn(5, (300, k), jnp.bfloat16)
+    w = randn(6, (k, n), jnp.bfloat16)
+    full = bits(jax.jit(ops.matmul)(x, w))
+    for m in (1, 8, 33, 64, 65):
+        np.testing.assert_array_equal(bits(jax.jit(ops.matmul)(x[:m], w)), full[:m], err_msg=f"m={m}")
+    xla = lambda a: jnp.dot(a, w, preferred_element_type=jnp.float32).astype(jnp.bfloat16)  # noqa: E731
+    xfull = bits(jax.jit(xla)(x))
+    assert any((bits(jax.jit(xla)(x[:m])) != xfull[:m]).any() for m in (1, 8, 33, 64, 65)), \
+        "negative control: XLA's dot gave the same rows at every M (the check would have no teeth)"
