@@ -1,8 +1,5 @@
 #!/usr/bin/env bash
-# Session 13, run 5 (device tool, from the repo root): gemma2_2b B64 generation with the Mosaic
-# decode-matmul dispatch off (DETJAX_MOSAIC_MATMUL=0, every matmul on Triton) and on.
+# Session 13, run 5 (device tool, from the repo root): gemma2_2b B64 generation, Mosaic decode-matmul
+# dispatch off and on.
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
-for on in 0 1; do
-DETJAX_MOSAIC_MATMUL=$on timeout 140 python3 benchmarks/bench_model.py --model gemma2_2b --batches 64 --prompt 512 --new-tokens 256 \
-  --skip-forward --gen-iters 2 --json $OUT/s13_5_model_mm$on.json 2>&1 | grep -v "^WARNING\|^I0000\|^W0000" | tail -3 | sed "s/^/DETJAX_MOSAIC_MATMUL=$on /" | tee -a $OUT/s13_5_model.txt
-done
+timeout 230 python3 results/2026-12-04-h200/s13_5_gen_b64.py 2>&1 | grep -v "^WARNING\|^I0000\|^W0000\|^E0000" | tail -5 | tee $OUT/s13_5_gen_b64.txt
