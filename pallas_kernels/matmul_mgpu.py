@@ -41,29 +41,36 @@ class MgpuTile:
     steps: int
 
 
+#: Rows the dispatch takes: MIN_M < M <= TILE_M. H200 (s13-3, s13-4, s13-5): at M = 8 the kernel
+#: alone beats the Triton one on wide weights (up projection 13.5 vs 16.1 us), but in gemma2_2b
+#: generation at batch 8 the per-call row pad and slice and one launch per weight (the Triton kernel
+#: does gate and up in one) cost more than that: 0.98 s vs 0.92 s with the Triton attention, 0.84
+#: vs 0.79 s with the Mosaic one. At batch 64 generation got faster (1.037 vs 1.053 s, bitwise the
+#: same logprobs).
+MIN_M = 16
 #: Wide weights (N >= WIDE_MIN_N): 128 x 128 tiles, 4 slots. H200, bf16, gemma2_2b up projection
-#: (K 2304, N 9216), with the row pad/slice: M = 8 13.5 us vs Triton 16.1 (XLA 12.3); M = 64
-#: 12.9 vs 20.1 (XLA 23.1) (s13-3).
+#: (K 2304, N 9216), with the row pad/slice, M = 64: 12.9 us vs Triton 20.1 (XLA 23.1) (s13-3).
 WIDE = MgpuTile(128, 128, 4)
 WIDE_MIN_N = 6144
-#: Deep weights (K >= DEEP_MIN_K) at 16 < M <= 64: 64 x 256 tiles, 3 slots. gemma2_2b down
-#: projection (K 9216, N 2304), M = 64: 21.5 us vs Triton 26.5 (XLA 21.7); at M <= 8 it only ties
-#: the Triton kernel (22.2 vs 22.0 us), so small M stays there (s13-3).
+#: Deep weights (K >= DEEP_MIN_K): 64 x 256 tiles, 3 slots. gemma2_2b down projection (K 9216,
+#: N 2304), M = 64: 21.5 us vs Triton 26.5 (XLA 21.7); at M <= 8 it only ties the Triton kernel
+#: (22.2 vs 22.0 us) (s13-3).
 DEEP = MgpuTile(64, 256, 3)
 DEEP_MIN_K = 8192
 
 
 def mgpu_tile_for(m: int, h: int, n: int, k: int, dtype) -> MgpuTile | None:
     """The Mosaic tile for ``[m, k] x [k, n]`` (a weight of ``n`` columns in groups of ``h``), or
-    ``None`` where the Triton kernel is as fast or the shape is not measured (M > 64, float32,
-    K not a multiple of the K tile, H not a multiple of the N tile). Same bits either way."""
+    ``None`` where the Triton kernel is as fast (M <= 16) or the shape is not measured (M > 64,
+    float32, K not a multiple of the K tile, H not a multiple of the N tile). Same bits either
+    way."""
     if not ENABLED or jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return None
-    if not 1 <= m <= TILE_M:
+    if not MIN_M < m <= TILE_M:
         return None
     if n >= WIDE_MIN_N and h % WIDE.tile_n == 0 and k % WIDE.tile_k == 0:
         return WIDE
-    if m > 16 and k >= DEEP_MIN_K and h % DEEP.tile_n == 0 and k % DEEP.tile_k == 0:
+    if k >= DEEP_MIN_K and h % DEEP.tile_n == 0 and k % DEEP.tile_k == 0:
         return DEEP
     return None
 

@@ -6,8 +6,9 @@ aligned tiles from k = 0, one f32 accumulator, the tensor core's k-steps). On CP
 rule, argument errors, and that every tile the rule picks lowers for CUDA (plain and [G, K, H]
 weights, bf16/f16 inputs, bf16/f16/f32 outputs). On a Hopper GPU: the Mosaic output equals the
 Triton kernel's bit for bit at non-aligned M (1, 7, 33, 64) and at the gemma2_2b decode shapes,
-``detjax.ops.matmul`` stays batch-invariant across the dispatch boundary (M = 64 Mosaic, M = 65
-Triton), and the negative control (XLA's dot at the same shapes) changes with M.
+``detjax.ops.matmul`` stays batch-invariant across the dispatch boundaries (M <= 16 Triton,
+16 < M <= 64 Mosaic, M > 64 Triton), and the negative control (XLA's dot at the same shapes)
+changes with M.
 """
 
 from __future__ import annotations
@@ -41,15 +42,16 @@ def randn(seed, shape, dtype):
 
 def test_dispatch_rule():
     bf = jnp.bfloat16
-    assert mg.mgpu_tile_for(8, 9216, 9216, 2304, bf) == mg.WIDE          # up projection, decode
+    assert mg.mgpu_tile_for(17, 9216, 9216, 2304, bf) == mg.WIDE         # up projection, decode
     assert mg.mgpu_tile_for(64, 9216, 9216, 2304, jnp.float16) == mg.WIDE
-    assert mg.mgpu_tile_for(33, 2304, 2304, 9216, bf) == mg.DEEP         # down projection, M > 16
-    assert mg.mgpu_tile_for(8, 2304, 2304, 9216, bf) is None             # ties Triton: stays there
+    assert mg.mgpu_tile_for(33, 2304, 2304, 9216, bf) == mg.DEEP         # down projection
+    assert mg.mgpu_tile_for(8, 9216, 9216, 2304, bf) is None             # M <= 16: slower in generation
+    assert mg.mgpu_tile_for(16, 2304, 2304, 9216, bf) is None
     assert mg.mgpu_tile_for(65, 9216, 9216, 2304, bf) is None            # beyond one 64-row tile
-    assert mg.mgpu_tile_for(8, 9216, 9216, 2304, jnp.float32) is None    # f32: Triton FMA tiles
-    assert mg.mgpu_tile_for(8, 9200, 9200, 2304, bf) is None             # N not a tile multiple
-    assert mg.mgpu_tile_for(8, 9216, 9216, 2300, bf) is None             # K not a tile multiple
-    assert mg.mgpu_tile_for(8, 256, 2048, 2304, bf) is None              # narrow: q projection
+    assert mg.mgpu_tile_for(33, 9216, 9216, 2304, jnp.float32) is None   # f32: Triton FMA tiles
+    assert mg.mgpu_tile_for(33, 9200, 9200, 2304, bf) is None            # N not a tile multiple
+    assert mg.mgpu_tile_for(33, 9216, 9216, 2300, bf) is None            # K not a tile multiple
+    assert mg.mgpu_tile_for(33, 256, 2048, 2304, bf) is None             # narrow: q projection
 
 
 def test_bad_input():
@@ -63,9 +65,9 @@ def test_bad_input():
 
 
 @pytest.mark.parametrize("m,k,b_shape,dtype,out_dtype", [
-    (7, 2304, (2304, 9216), jnp.bfloat16, jnp.float32),      # WIDE, f32 output
+    (17, 2304, (2304, 9216), jnp.bfloat16, jnp.float32),     # WIDE, f32 output
     (64, 2304, (1, 2304, 9216), jnp.float16, jnp.float16),   # WIDE, [G, K, H] weight
-    (2, 1024, (2, 1024, 4096), jnp.bfloat16, jnp.bfloat16),  # WIDE, two groups
+    (20, 1024, (2, 1024, 4096), jnp.bfloat16, jnp.bfloat16), # WIDE, two groups
     (33, 9216, (9216, 2304), jnp.float16, jnp.float16),      # DEEP
     (17, 8192, (8192, 64), jnp.bfloat16, jnp.float32),       # DEEP, one column tile, f32 output
 ])
@@ -112,10 +114,10 @@ def test_gpu_mosaic_matmul_gives_the_triton_bits(dtype):
 @hopper_only
 def test_gpu_grouped_weights_give_the_triton_bits():
     """[G, K, H] weights read in place (Gemma's gate/up) = the grouped Triton launch."""
-    a = randn(0, (8, 2304), jnp.bfloat16)
+    a = randn(0, (33, 2304), jnp.bfloat16)
     ws = (randn(1, (1, 2304, 9216), jnp.bfloat16), randn(2, (2, 2304, 4096), jnp.bfloat16))
     outs = mm.grouped_matmul_call(a, ws)   # dispatched to Mosaic: both weights are wide
-    cfg = mm.gpu_config_for(8, sum(w.shape[0] * w.shape[2] for w in ws), 2304)
+    cfg = mm.gpu_config_for(33, sum(w.shape[0] * w.shape[2] for w in ws), 2304)
     refs = mm.grouped_matmul_call(a, ws, config=cfg)   # an explicit tile: the Triton launch
     for o, r in zip(outs, refs):
         np.testing.assert_array_equal(bits(o), bits(r))
@@ -124,8 +126,8 @@ def test_gpu_grouped_weights_give_the_triton_bits():
 @hopper_only
 @pytest.mark.parametrize("k,n", [(2304, 9216), (9216, 2304)])
 def test_gpu_batch_invariance_across_the_dispatch_boundary(k, n):
-    """Rows of ``x[:m] @ W`` for m on both sides of the dispatch (1, 8, 33, 64: Mosaic where the
-    rule says so; 65, 300: Triton) equal the rows of the full product; XLA's dot does not."""
+    """Rows of ``x[:m] @ W`` for m on both sides of the dispatch (33, 64: Mosaic; 1, 8, 65 and the
+    full 300: Triton) equal the rows of the full product; XLA's dot does not."""
     x = randn(5, (300, k), jnp.bfloat16)
     w = randn(6, (k, n), jnp.bfloat16)
     full = bits(jax.jit(ops.matmul)(x, w))
