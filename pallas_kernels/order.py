@@ -13,6 +13,10 @@ the non-reduced dimensions.
   k=0; one f32 accumulator per output element adds the tiles in ascending order. Inside a tile the
   product is the backend's matrix instruction (GPU: tensor-core MMA steps in ascending k; IEEE FMA
   for f32 at full precision; interpret: XLA's CPU dot on a tile of fixed shape). No split-K.
+  On Hopper GPUs, bf16/f16 products with 16 < M <= 64 and wide or deep weights run the Mosaic GPU
+  kernel ``pallas_kernels/matmul_mgpu.py`` instead: the same K tiles, accumulator and wgmma
+  k-steps, so the same bits (GPU-tested; the dispatch is by shape and does not touch
+  ``KERNELS_VERSION``).
 * Row reductions (``pallas_kernels/reductions.py``): a row is read in chunks of
   ``REDUCE_CHUNK`` lanes starting at column 0; lane ``l`` of a chunk accumulates elementwise in
   ascending chunk order; the ``REDUCE_CHUNK`` lane partials are then combined by one fixed tree
