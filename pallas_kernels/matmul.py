@@ -283,7 +283,7 @@ def matmul_kernel_call(a, b, *, transpose_b=False, out_dtype=None, precision="hi
         from pallas_kernels import matmul_mgpu
         tile = matmul_mgpu.mgpu_tile_for(M, N, N, K, a.dtype)
         if tile is not None and matmul_mgpu.hopper_available():   # the same bits, faster here
-            return matmul_mgpu.matmul(a[0], b[0], tile=tile, out_dtype=out_dtype)[None]
+            return _mosaic_rows(a[0], b[0], tile, out_dtype)[None]
     if be == "gpu":
         auto = config is None and split_rows is None
         cfg = config or gpu_config_for(M, N, K, fma=uses_fma(a.dtype, precision))
@@ -354,6 +354,51 @@ def matmul_kernel_call(a, b, *, transpose_b=False, out_dtype=None, precision="hi
             name="detjax_matmul",
         )(*args)
     return out
+
+
+def _mosaic_rows(a, w, tile, out_dtype):
+    """``a [M, K]`` times ``w`` (``[K, N]``, or ``[G, K, H]`` read as ``[K, G * H]``) on the Mosaic
+    GPU kernel (``matmul_mgpu``), which gives the Triton kernel's bits.
+
+    Under ``jax.vmap`` the kernel itself is not batched: the rule below turns the mapped axis into
+    rows (``[V * M, K]``, dispatched again by the new row count) or, for mapped weights, runs the
+    batched Triton kernel. Rows never interact and every path gives the same bits, so
+    ``vmap(f)(xs)[i] == f(xs[i])`` holds as for the Triton kernel alone.
+    """
+    from pallas_kernels import matmul_mgpu
+
+    @jax.custom_batching.custom_vmap
+    def product(a, w):
+        return matmul_mgpu.matmul(a, w, tile=tile, out_dtype=out_dtype)
+
+    @product.def_vmap
+    def _rule(axis_size, in_batched, a, w):
+        return _batched_rows_product(axis_size, in_batched, a, w, out_dtype), True
+
+    return product(a, w)
+
+
+def _as_columns(w):
+    """``[K, N]`` or ``[G, K, H]`` (read as ``[K, G * H]``, column ``g * H + h``) -> ``[K, N]``."""
+    return w if w.ndim == 2 else jnp.transpose(w, (1, 0, 2)).reshape(w.shape[1], -1)
+
+
+def _batched_rows_product(v, in_batched, a, w, out_dtype):
+    """The vmap rule of ``_mosaic_rows``: ``[V, M, K]`` rows against one weight (or ``V``)."""
+    a_b, w_b = in_batched
+    if not a_b:
+        a = jnp.broadcast_to(a, (v,) + a.shape)
+    m, k = a.shape[1], a.shape[2]
+    if w_b:   # one weight per example: the batched Triton kernel (an explicit tile: no dispatch)
+        wc = jax.vmap(_as_columns)(w)
+        n = wc.shape[2]
+        return matmul_kernel_call(a, wc, out_dtype=out_dtype, config=gpu_config_for(m, n, k))
+    rows = a.reshape(v * m, k)
+    if w.ndim == 2:
+        out = matmul_kernel_call(rows[None], w[None], out_dtype=out_dtype)[0]
+    else:
+        out = grouped_matmul_call(rows, (w,), out_dtype=out_dtype)[0]
+    return out.reshape(v, m, -1)
 
 
 def matmul_reference(a, b, *, transpose_b=False, out_dtype=None, precision="highest"):
@@ -454,8 +499,7 @@ def grouped_matmul_call(a, weights, *, out_dtype=None, precision="highest", back
                  for w in weights]
         if all(t is not None for t in tiles) and matmul_mgpu.hopper_available():
             # one Mosaic launch per weight (the same bits as the grouped Triton launch)
-            return tuple(matmul_mgpu.matmul(a, w, tile=t, out_dtype=out_dtype)
-                         for w, t in zip(weights, tiles))
+            return tuple(_mosaic_rows(a, w, t, out_dtype) for w, t in zip(weights, tiles))
     if be == "gpu" or _interpret_kernel:
         cfg = config or (gpu_config_for(M, n_total, K, fma=uses_fma(a.dtype, precision))
                          if be == "gpu"

@@ -137,3 +137,46 @@ def test_gpu_batch_invariance_across_the_dispatch_boundary(k, n):
     xfull = bits(jax.jit(xla)(x))
     assert any((bits(jax.jit(xla)(x[:m])) != xfull[:m]).any() for m in (1, 8, 33, 64, 65)), \
         "negative control: XLA's dot gave the same rows at every M (the check would have no teeth)"
+
+
+def _stand_in(monkeypatch):
+    """Replace the Mosaic kernel by the (interpreted) Triton kernel, so that the dispatch plumbing
+    (the vmap rule, [G, K, H] columns) runs on any machine; record the ``[B, M, K]`` shapes the
+    Triton kernel is called with."""
+    calls = []
+    triton = mm.matmul_kernel_call
+
+    def spy(a, b, **kw):
+        calls.append(tuple(a.shape))
+        return triton(a, b, **kw)
+
+    def fake(a, w, *, tile, out_dtype):
+        return triton(a[None], mm._as_columns(w)[None], out_dtype=out_dtype)[0]
+
+    monkeypatch.setattr(mg, "matmul", fake)
+    monkeypatch.setattr(mm, "matmul_kernel_call", spy)
+    return calls
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_vmap_rule_turns_the_mapped_axis_into_rows(monkeypatch, grouped):
+    """``jax.vmap`` of the Mosaic dispatch: the kernel is called once on ``[V * M, K]`` rows (not
+    batched), mapped weights go to the batched Triton kernel, and every example's result has
+    bitwise the unmapped call's values."""
+    calls = _stand_in(monkeypatch)
+    dt = jnp.bfloat16
+    xs = randn(0, (3, 20, 128), dt)
+    w = randn(1, (2, 128, 64), dt) if grouped else randn(1, (128, 128), dt)
+    f = lambda x, w: mm._mosaic_rows(x, w, mg.WIDE, jnp.dtype(dt))  # noqa: E731
+    out = jax.vmap(f, in_axes=(0, None))(xs, w)
+    assert calls == [(1, 60, 128)], calls          # one call on the 3 x 20 rows
+    for i in range(3):
+        np.testing.assert_array_equal(bits(out[i]), bits(f(xs[i], w)))
+    ws = jnp.stack([w, 2 * w, -w])
+    calls.clear()
+    out_w = jax.vmap(f)(xs, ws)          # mapped weights: the batched Triton kernel
+    assert calls == [(3, 20, 128)], calls
+    for i in range(3):
+        np.testing.assert_array_equal(bits(out_w[i]), bits(f(xs[i], ws[i])))
+    np.testing.assert_array_equal(bits(jax.vmap(f, in_axes=(None, 0))(xs[0], ws)[1]),
+                                  bits(f(xs[0], ws[1])))
