@@ -5,12 +5,13 @@ k = 0, ascending, one f32 accumulator per output element, the tile product being
 16-wide k-steps in ascending k (here ``wgmma``, which the Triton kernel also issues for 64-row
 tiles). No split-K. So it gives the Triton kernel's bits: on an H200 (session 13, runs s13-2 and
 s13-3) at 186 of 186 tile/shape pairs, bf16 and f16, M = 1, 7, 8, 33, 64, N tiles 16 to 128, K
-tiles 64 to 256, 3 to 8 pipeline slots; ``tests/test_matmul.py::test_gpu_mosaic_matmul_gives_the_
-triton_bits`` keeps checking it. A TMA-fed, warp-specialized pipeline (one compute warpgroup of 64
-rows, one memory warpgroup, one CTA per ``tile_n`` output columns) reads wide decode weights
-faster than the Triton kernel (``mgpu_tile_for`` has the measured rule), so
-``matmul_kernel_call`` and ``grouped_matmul_call`` dispatch those shapes here on Hopper GPUs.
-The dispatch is by shape only, and every choice gives the same bits.
+tiles 64 to 256, 3 to 8 pipeline slots; ``tests/test_matmul_mgpu.py::test_gpu_mosaic_matmul_
+gives_the_triton_bits`` keeps checking it. A TMA-fed, warp-specialized pipeline (one compute
+warpgroup of 64 rows, one memory warpgroup, one CTA per ``tile_n`` output columns) reads wide or
+deep weights faster than the Triton kernel at 16 < M <= 64 (``mgpu_tile_for`` has the measured
+rule), so ``matmul_kernel_call`` and ``grouped_matmul_call`` dispatch those shapes here on Hopper
+GPUs (``matmul._mosaic_rows``, which also keeps ``jax.vmap`` from batching the kernel). The
+dispatch is by shape only, and every choice gives the same bits.
 
 Shapes: ``a [Mp, K]`` with ``Mp`` a multiple of 64, ``b [K, N]`` with ``N`` a multiple of
 ``tile_n`` and ``K`` a multiple of ``tile_k`` (``matmul`` pads ``a``'s rows and slices them off).
