@@ -94,9 +94,24 @@ def plain_attention(q, k, v, *, kv_lengths, causal=True, sliding_window=None, lo
     return jnp.einsum("bnts,bsnh->btnh", p, vv, precision="highest")
 
 
+# Modules run first, in this order (whole modules, so module fixtures are set up once). pytest-xdist
+# hands each worker a contiguous slice of the collection and then more as it finishes, so the
+# 8-device subprocess of test_parallel.py (~2-3 min, the longest single item) starts at once and
+# all its tests land on one worker, and the notebooks (~45 s each) follow: the long items never
+# end up last, alone on one core.
+FIRST = ("test_parallel.py", "test_notebooks.py")
+
+
+def _first_rank(item):
+    name = item.path.name
+    return FIRST.index(name) if name in FIRST else len(FIRST)
+
+
 def pytest_collection_modifyitems(config, items):
-    """``DETJAX_SHARD=i/n`` keeps every n-th collected test starting at the i-th (0-based), so a
-    GPU suite that exceeds one call's time limit can run in n calls (``scripts/gpu_suite.sh``)."""
+    """Long modules first (``FIRST``); then ``DETJAX_SHARD=i/n`` keeps every n-th collected test
+    starting at the i-th (0-based), so a GPU suite that exceeds one call's time limit can run in n
+    calls (``scripts/gpu_suite.sh``)."""
+    items.sort(key=_first_rank)   # stable: the collection order otherwise
     shard = os.environ.get("DETJAX_SHARD")
     if not shard:
         return

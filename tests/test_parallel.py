@@ -22,8 +22,7 @@ from detjax import parallel as par
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def report():
+def _run_multidevice_check():
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
     env.setdefault("DETJAX_BACKEND", "interpret")
@@ -34,9 +33,29 @@ def report():
                        timeout=900)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     assert lines, f"no JSON from multidevice_check (rc {p.returncode}):\n{p.stdout}\n{p.stderr[-4000:]}"
-    rep = json.loads(lines[-1])
     print(p.stdout)
-    return rep
+    return json.loads(lines[-1])
+
+
+@pytest.fixture(scope="module")
+def report(request, tmp_path_factory):
+    """The subprocess's JSON report, computed once per pytest run. Under pytest-xdist a module
+    fixture runs once per worker that receives one of this module's tests (2-3 min each on two
+    CPU cores): the first worker runs the check and stores the report in the run's shared
+    temporary directory, another worker waits for it and reads it. (tests/conftest.py also puts
+    this module first in the collection, so that one worker gets all of it.)"""
+    if not hasattr(request.config, "workerinput"):
+        return _run_multidevice_check()
+    import fcntl   # xdist workers: POSIX only (the CPU CI and the GPU machines)
+    uid = request.config.workerinput["testrunuid"]   # one per pytest run, shared by its workers
+    shared = tmp_path_factory.getbasetemp().parent / f"detjax_multidevice_report_{uid}.json"
+    with open(shared.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if shared.exists():
+            return json.loads(shared.read_text())
+        rep = _run_multidevice_check()
+        shared.write_text(json.dumps(rep))
+        return rep
 
 
 def _rows(rep, prefix):
