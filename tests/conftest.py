@@ -12,8 +12,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import settings
 
 ON_GPU = jax.default_backend() == "gpu"
+
+# Hypothesis example counts of the property tests (test_matmul.py, test_reductions.py; the fuzzer
+# in scripts/reliability.py sets its own). Every example draws new shapes, i.e. new compiled
+# programs, ~0.5 s each in CPU interpret mode. "full" (12 per test) is the default on a GPU,
+# "cpu" (6) without one; DETJAX_HYPOTHESIS_PROFILE=full (or =cpu) picks one explicitly.
+settings.register_profile("full", max_examples=12, deadline=None)
+settings.register_profile("cpu", max_examples=6, deadline=None)
+settings.load_profile(os.environ.get("DETJAX_HYPOTHESIS_PROFILE", "full" if ON_GPU else "cpu"))
 DTYPES = [jnp.bfloat16, jnp.float16, jnp.float32]
 DTYPE_IDS = ["bf16", "f16", "f32"]
 
