@@ -93,8 +93,10 @@ def test_other_scans(fn, ref, reverse):
     if not reverse:
         assert same(fn(x[:, :100]), y[:, :100])
     w = rnd(x.shape, seed=9)
-    g = jax.grad(lambda v: jnp.sum(fn(v, reverse=reverse) * w))(x)
-    gr = jax.grad(lambda v: jnp.sum(ref(v, axis=1, reverse=reverse) * w))(x)
+    # Both gradients jitted: run eagerly, each op of their backward (and of lax's associative-scan
+    # reference) compiled its own program (~300 programs, ~10 s for cummax alone).
+    g = jax.jit(jax.grad(lambda v: jnp.sum(fn(v, reverse=reverse) * w)))(x)
+    gr = jax.jit(jax.grad(lambda v: jnp.sum(ref(v, axis=1, reverse=reverse) * w)))(x)
     np.testing.assert_allclose(g, gr, rtol=1e-5, atol=1e-5)
 
 
