@@ -25,6 +25,8 @@ def _full_precision_references():
         yield
 
 
+# The untransformed functions serve as closeness yardsticks (allclose / rel_err); they are called
+# jitted: run eagerly, each of their ops compiled a program of its own.
 def fused_kinds(fn, *args, **kw):
     return [r.primitive for r in deterministic(fn, **kw).explain(*args).fused]
 
@@ -93,7 +95,7 @@ def test_attention_pattern_gradients_close(rng):
         return jnp.sum(o * jnp.cos(o))
 
     g_det = jax.jit(jax.grad(deterministic(loss), argnums=(0, 1, 2)))(q, k, v)
-    g_ref = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    g_ref = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
     for a, r in zip(g_det, g_ref):
         assert rel_err(a, np.asarray(r, np.float64)) < 1e-4
     assert all(bitwise_equal(a, b) for a, b in
@@ -136,7 +138,7 @@ def test_attention_pattern_empty_rows_follow_the_traced_code(variant, expect, rn
 
     assert fused_kinds(f, q, k, v, lengths) == ["attention"]
     fused = np.asarray(jax.jit(deterministic(f))(q, k, v, lengths))
-    plain = np.asarray(f(q, k, v, lengths))
+    plain = np.asarray(jax.jit(f)(q, k, v, lengths))
     if expect == "nan":
         assert np.isnan(fused[1]).all() and np.isnan(plain[1]).all()
     else:
@@ -164,7 +166,7 @@ def test_non_interval_mask_and_shared_probabilities_are_not_fused(rng):
         assert fused_kinds(fn, q, k, v) == []
         out = jax.jit(deterministic(fn))(q, k, v)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                     out, fn(q, k, v))
+                     out, jax.jit(fn)(q, k, v))
     assert fused_kinds(even_keys, q, k, v, fuse=False) == []
 
 
@@ -182,7 +184,7 @@ def test_softmax_attention_and_flax_mha_fuse(rng):
     assert fused_kinds(plain_softmax, q, k, v) == ["attention"]
     d = jax.jit(deterministic(plain_softmax))
     assert_bitwise_equal(d(q[1:2], k[1:2], v[1:2])[0], d(q, k, v)[1], "softmax attention row 1")
-    np.testing.assert_allclose(d(q, k, v), plain_softmax(q, k, v), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(d(q, k, v), jax.jit(plain_softmax)(q, k, v), rtol=1e-5, atol=1e-6)
 
     mha = nnx.MultiHeadAttention(num_heads=2, in_features=16, qkv_features=16, decode=False,
                                  rngs=nnx.Rngs(0))
@@ -198,7 +200,7 @@ def test_softmax_attention_and_flax_mha_fuse(rng):
     # a mask passed in as data cannot be proven an interval: op by op, still deterministic
     mask = nnx.make_causal_mask(x[..., 0])
     assert [r.primitive for r in deterministic(mha).explain(x, mask=mask).fused] == []
-    np.testing.assert_allclose(full, call(x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(full, jax.jit(call)(x), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,7 +269,7 @@ def test_gemma_xla_model_fuses_every_attention_and_norm(rng):
     d = jax.jit(deterministic(fwd))
     full = d(state, tokens)
     assert_bitwise_equal(d(state, tokens[1:2])[0], full[1], "model row 1")
-    ref = fwd(state, tokens)
+    ref = jax.jit(fwd)(state, tokens)
     assert rel_err(full, np.asarray(ref, np.float64)) < 2e-2
 
 
@@ -300,7 +302,7 @@ def test_fusion_off_gives_the_op_by_op_path(rng):
 
     assert fused_kinds(attn, q, k, v, fuse=False) == []
     a = jax.jit(deterministic(attn, fuse=False))(q, k, v)
-    np.testing.assert_allclose(a, attn(q, k, v), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a, jax.jit(attn)(q, k, v), rtol=1e-5, atol=1e-6)
 
 
 def test_transcendental_isolated_with_its_elementwise_neighbours(rng):
@@ -319,7 +321,7 @@ def test_transcendental_isolated_with_its_elementwise_neighbours(rng):
     assert rel_err(full, np.asarray(geglu(g.astype(jnp.float32), u.astype(jnp.float32)),
                                     np.float64)) < TOL[jnp.dtype(jnp.bfloat16)]
     gd = jax.jit(jax.grad(lambda a, b: jnp.sum(deterministic(geglu)(a, b).astype(jnp.float32))))(g, u)
-    gr = jax.grad(lambda a, b: jnp.sum(geglu(a, b).astype(jnp.float32)))(g, u)
+    gr = jax.jit(jax.grad(lambda a, b: jnp.sum(geglu(a, b).astype(jnp.float32))))(g, u)
     assert rel_err(gd, np.asarray(gr, np.float64)) < 2 * TOL[jnp.dtype(jnp.bfloat16)]
 
 
@@ -370,7 +372,7 @@ def test_jax_nn_dot_product_attention_fuses(kw, ref_kw, rng):
         assert_bitwise_equal(d(q[i:i + 1], k[i:i + 1], v[i:i + 1], li)[0], full[i], f"row {i}")
     ref = K.attention_f64_reference(q, k, v, kv_lengths=lengths, **ref_kw)
     assert rel_err(full, ref) < 2 * TOL[jnp.dtype(jnp.bfloat16)]
-    assert rel_err(f(q, k, v, lengths), ref) < 2 * TOL[jnp.dtype(jnp.bfloat16)]
+    assert rel_err(jax.jit(f)(q, k, v, lengths), ref) < 2 * TOL[jnp.dtype(jnp.bfloat16)]
 
 
 @pytest.mark.parametrize("fill,fuses", [(-1e9, True), (-100.0, False)])
@@ -385,7 +387,8 @@ def test_finite_fill_fuses_only_far_below_the_logits(fill, fuses, rng):
                              mask_exp=False, guard_sum=False)
 
     assert fused_kinds(f, q, k, v) == (["attention"] if fuses else [])
-    np.testing.assert_allclose(jax.jit(deterministic(f))(q, k, v), f(q, k, v), rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(jax.jit(deterministic(f))(q, k, v), jax.jit(f)(q, k, v), rtol=2e-5,
+                               atol=2e-6)
 
 
 def test_transformed_xla_model_decode_equals_prefill(rng):
