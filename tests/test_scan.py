@@ -78,7 +78,7 @@ def test_cumsum_grad():
     x = rnd((4, 300), seed=6)
     w = rnd((4, 300), seed=7)
     g = jax.grad(lambda v: jnp.sum(cumsum(v) * w))(x)
-    gr = jax.jit(jax.grad(lambda v: jnp.sum(jnp.cumsum(v, axis=-1) * w)))(x)   # a yardstick
+    gr = jax.grad(lambda v: jnp.sum(jnp.cumsum(v, axis=-1) * w))(x)
     np.testing.assert_allclose(g, gr, rtol=1e-5, atol=1e-4)
 
 
@@ -93,10 +93,8 @@ def test_other_scans(fn, ref, reverse):
     if not reverse:
         assert same(fn(x[:, :100]), y[:, :100])
     w = rnd(x.shape, seed=9)
-    # Both gradients jitted: run eagerly, each op of their backward (and of lax's associative-scan
-    # reference) compiled its own program (~300 programs, ~10 s for cummax alone).
-    g = jax.jit(jax.grad(lambda v: jnp.sum(fn(v, reverse=reverse) * w)))(x)
-    gr = jax.jit(jax.grad(lambda v: jnp.sum(ref(v, axis=1, reverse=reverse) * w)))(x)
+    g = jax.grad(lambda v: jnp.sum(fn(v, reverse=reverse) * w))(x)
+    gr = jax.grad(lambda v: jnp.sum(ref(v, axis=1, reverse=reverse) * w))(x)
     np.testing.assert_allclose(g, gr, rtol=1e-5, atol=1e-5)
 
 
