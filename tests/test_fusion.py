@@ -25,8 +25,9 @@ def _full_precision_references():
         yield
 
 
-# The untransformed functions serve as closeness yardsticks (allclose / rel_err); they are called
-# jitted: run eagerly, each of their ops compiled a program of its own.
+# Some untransformed functions (closeness yardsticks only: allclose / rel_err) are called jitted:
+# run eagerly, each of their ops compiled a program of its own. (Where the eager ops' programs are
+# shared across a test's variants, eager was measured cheaper and is kept.)
 def fused_kinds(fn, *args, **kw):
     return [r.primitive for r in deterministic(fn, **kw).explain(*args).fused]
 
@@ -138,7 +139,7 @@ def test_attention_pattern_empty_rows_follow_the_traced_code(variant, expect, rn
 
     assert fused_kinds(f, q, k, v, lengths) == ["attention"]
     fused = np.asarray(jax.jit(deterministic(f))(q, k, v, lengths))
-    plain = np.asarray(jax.jit(f)(q, k, v, lengths))
+    plain = np.asarray(f(q, k, v, lengths))
     if expect == "nan":
         assert np.isnan(fused[1]).all() and np.isnan(plain[1]).all()
     else:
@@ -166,7 +167,7 @@ def test_non_interval_mask_and_shared_probabilities_are_not_fused(rng):
         assert fused_kinds(fn, q, k, v) == []
         out = jax.jit(deterministic(fn))(q, k, v)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                     out, jax.jit(fn)(q, k, v))
+                     out, fn(q, k, v))
     assert fused_kinds(even_keys, q, k, v, fuse=False) == []
 
 
@@ -372,7 +373,7 @@ def test_jax_nn_dot_product_attention_fuses(kw, ref_kw, rng):
         assert_bitwise_equal(d(q[i:i + 1], k[i:i + 1], v[i:i + 1], li)[0], full[i], f"row {i}")
     ref = K.attention_f64_reference(q, k, v, kv_lengths=lengths, **ref_kw)
     assert rel_err(full, ref) < 2 * TOL[jnp.dtype(jnp.bfloat16)]
-    assert rel_err(jax.jit(f)(q, k, v, lengths), ref) < 2 * TOL[jnp.dtype(jnp.bfloat16)]
+    assert rel_err(f(q, k, v, lengths), ref) < 2 * TOL[jnp.dtype(jnp.bfloat16)]
 
 
 @pytest.mark.parametrize("fill,fuses", [(-1e9, True), (-100.0, False)])
@@ -387,8 +388,7 @@ def test_finite_fill_fuses_only_far_below_the_logits(fill, fuses, rng):
                              mask_exp=False, guard_sum=False)
 
     assert fused_kinds(f, q, k, v) == (["attention"] if fuses else [])
-    np.testing.assert_allclose(jax.jit(deterministic(f))(q, k, v), jax.jit(f)(q, k, v), rtol=2e-5,
-                               atol=2e-6)
+    np.testing.assert_allclose(jax.jit(deterministic(f))(q, k, v), f(q, k, v), rtol=2e-5, atol=2e-6)
 
 
 def test_transformed_xla_model_decode_equals_prefill(rng):
