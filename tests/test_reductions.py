@@ -38,7 +38,9 @@ def test_batch_vmap_run_to_run_and_accuracy(rng, name, dtype):
     f, ref = OPS[name]
     x = randn(rng, (33, N), dtype, 2.0)
     full = f(x)
-    for m in (1, 2, 7, 8):
+    # One row per program (grid = rows, pallas_kernels/_rows.py), so a prefix only changes the
+    # grid's length: 1 and 7 rows (with row 20 alone and the 33 of the batch) cover it.
+    for m in (1, 7):
         assert_bitwise_equal(f(x[:m]), full[:m], f"{name} prefix {m}")
     assert_bitwise_equal(f(x[20:21])[0], full[20], f"{name} row 20")
     assert_bitwise_equal(jax.vmap(f)(x)[5], f(x[5]), f"{name} vmap")
