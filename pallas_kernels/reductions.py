@@ -21,9 +21,10 @@ appends whole chunks of identities, which leaves every lane bit-identical (``a +
 ``max(a, -inf) == a``), so the result is bit-identical.
 
 Derived kernels use only these reductions plus elementwise float32 math:
-``mean = sum / N`` (divided inside the kernel); ``logsumexp = m + log(sum(exp(x - m)))`` with ``m = max`` (``m`` replaced by 0
-when it is not finite, like ``jax.nn.logsumexp``; softmax and log_softmax use the raw max, so a row
-holding +inf gives NaN, like ``jax.nn.softmax``); ``softmax = exp(x - m) * (1 / s)``;
+``mean = sum / N`` (divided inside the kernel); ``logsumexp = m + log(sum(exp(x - m)))`` with ``m``
+the max of the row's non-NaN elements (a NaN element makes the sum, and so the result, NaN; ``m`` is
+replaced by 0 when it is not finite, like ``jax.nn.logsumexp``; softmax and log_softmax use the raw
+max, so a row holding +inf gives NaN, like ``jax.nn.softmax``); ``softmax = exp(x - m) * (1 / s)``;
 ``log_softmax = (x - m) - log(s)``; ``rms_norm = x * rsqrt(sum(x^2) / N + eps) * (offset + scale)``.
 Results are rounded once to the output dtype. RMSNorm with a ``residual`` (the pre-norm block's
 ``x + norm(a)``; bf16/f16 only, see ``row_reduce``) then adds the residual in float32 and rounds
@@ -57,11 +58,39 @@ OPS = ("sum", "mean", "max", "logsumexp", "softmax", "log_softmax", "rms_norm")
 RESIDENT_MAX_CHUNKS = 8
 
 
-def _load(ref, j, n, other):
+# A resident chunk that lies wholly inside the row (static: ``(j + 1) * C <= n``) is loaded
+# without a mask, and the kernels skip its selects (``mask is None``): every lane is valid, so the
+# selects were identities and the bits are the same. (GPU; the loop's chunks keep their masks.)
+# Not measurably faster (H200 s14-2: logsumexp [32768, 4096] 97.2 -> 97.0 us), but this is the
+# code the session-14 GPU runs tested; False restores the masked loads (same bits, s14-2).
+ELIDE_FULL_MASKS = True
+
+# logsumexp, softmax and log_softmax take the row max without counting NaNs: a NaN element makes
+# the exp-sum NaN, so the result is NaN either way (jax.nn's semantics), and rows without NaN take
+# the same operations, with the same bits. ``max`` itself keeps the count (the GPU's max
+# instruction drops NaN). The count was a third reduction tree per row: without it (H200 s14-2)
+# logsumexp [32768, 4096] bf16 went from 97.2 to 85.7 us, softmax / log_softmax 3% faster.
+# True restores the count (for the A/B in results/2026-12-04-h200/s14_1_bench.py).
+DERIVED_NAN_COUNT = False
+
+
+def _load(ref, j, n, other, static=False):
     from jax.experimental.pallas import triton as plgpu
     idx = j * REDUCE_CHUNK + jnp.arange(REDUCE_CHUNK)
+    if static and ELIDE_FULL_MASKS and (j + 1) * REDUCE_CHUNK <= n:
+        return plgpu.load(ref.at[idx]), idx, None
     mask = idx < n
     return plgpu.load(ref.at[idx], mask=mask, other=other), idx, mask
+
+
+def _load_at(ref, idx, mask):
+    """A second row (RMSNorm's scale, a residual) at the chunk's lanes, masked like the chunk."""
+    from jax.experimental.pallas import triton as plgpu
+    return plgpu.load(ref.at[idx]) if mask is None else plgpu.load(ref.at[idx], mask=mask, other=0)
+
+
+def _where(mask, v, other):
+    return v if mask is None else jnp.where(mask, v, other)
 
 
 def _chunks(n):
@@ -104,20 +133,26 @@ def _lane_sum(ref, n, acc_dtype, fn=lambda v: v, resident=None, unroll=1):
     """Fixed-order sum of fn(x) over a row: ascending chunks into C lanes, then one [C] tree."""
     def body(chunk, acc):
         v, _, mask = chunk
-        return acc + jnp.where(mask, fn(v.astype(acc_dtype)), 0)
+        return acc + _where(mask, fn(v.astype(acc_dtype)), 0)
     lanes = _fold(ref, n, resident, body, jnp.zeros((REDUCE_CHUNK,), acc_dtype), unroll)
     return jnp.sum(lanes)
 
 
-def _lane_max(ref, n, acc_dtype, resident=None, unroll=1):
-    """Exact max; NaN is counted separately because the GPU's max instruction drops NaN."""
+def _lane_max(ref, n, acc_dtype, resident=None, unroll=1, count_nans=True):
+    """Exact max; NaN is counted separately because the GPU's max instruction drops NaN
+    (``count_nans=False``: the max of the non-NaN elements)."""
     def body(chunk, carry):
         acc, nans = carry
         v, _, mask = chunk
-        v = jnp.where(mask, v.astype(acc_dtype), -jnp.inf)
+        v = _where(mask, v.astype(acc_dtype), -jnp.inf)
+        if not count_nans:
+            return jnp.maximum(acc, v), nans
         return jnp.maximum(acc, v), nans + jnp.where(v != v, 1.0, 0.0).astype(acc_dtype)
-    init = (jnp.full((REDUCE_CHUNK,), -jnp.inf, acc_dtype), jnp.zeros((REDUCE_CHUNK,), acc_dtype))
+    lanes0 = jnp.full((REDUCE_CHUNK,), -jnp.inf, acc_dtype)
+    init = (lanes0, jnp.zeros((REDUCE_CHUNK,) if count_nans else (), acc_dtype))
     lanes, nans = _fold(ref, n, resident, body, init, unroll)
+    if not count_nans:
+        return jnp.max(lanes).astype(acc_dtype)
     return jnp.where(jnp.sum(nans) > 0, jnp.nan, jnp.max(lanes)).astype(acc_dtype)
 
 
@@ -135,7 +170,8 @@ def _row_kernel(*refs, op, n, eps, offset, acc_dtype, resident, unroll=1, residu
     else:
         x_ref, o_ref = refs
     n_static = n
-    chunks = [_load(x_ref, j, n, 0) for j in range(pl.cdiv(n, REDUCE_CHUNK))] if resident else None
+    chunks = ([_load(x_ref, j, n, 0, static=True) for j in range(pl.cdiv(n, REDUCE_CHUNK))]
+              if resident else None)
 
     def for_each_chunk(fn):
         _fold(x_ref, n, chunks, lambda chunk, carry: fn(chunk), None, unroll)
@@ -156,16 +192,17 @@ def _row_kernel(*refs, op, n, eps, offset, acc_dtype, resident, unroll=1, residu
 
         def write_rms(chunk):
             v, idx, mask = chunk
-            w = plgpu.load(w_ref.at[idx], mask=mask, other=0)
+            w = _load_at(w_ref, idx, mask)
             y = ((v.astype(acc_dtype) * r) * (offset + w.astype(acc_dtype))).astype(o_ref.dtype)
             if r_ref is not None:
-                res = plgpu.load(r_ref.at[idx], mask=mask, other=0)
+                res = _load_at(r_ref, idx, mask)
                 y = (res.astype(acc_dtype) + y.astype(acc_dtype)).astype(o_ref.dtype)
             plgpu.store(o_ref.at[idx], y, mask=mask)
         for_each_chunk(write_rms)
         return
 
-    m = _lane_max(x_ref, n, acc_dtype, resident=chunks, unroll=unroll)
+    m = _lane_max(x_ref, n, acc_dtype, resident=chunks, unroll=unroll,
+                  count_nans=DERIVED_NAN_COUNT)
     if op == "logsumexp":  # like jax.nn.logsumexp; softmax keeps the raw max (+inf -> NaN, IEEE)
         m = _safe_max(m)
     s = _lane_sum(x_ref, n, acc_dtype, lambda v: jnp.exp(v - m), resident=chunks, unroll=unroll)

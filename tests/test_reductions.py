@@ -259,3 +259,28 @@ def test_gpu_unrolled_loop_bitwise_equal(rng, n, dtype, monkeypatch):
     jax.clear_caches()
     for op in red.OPS:
         assert_bitwise_equal(unrolled[op], plain[op], f"{op} n={n}: unrolled vs one chunk per trip")
+
+
+@pytest.mark.skipif(ON_GPU, reason="the GPU runs the kernels themselves")
+@pytest.mark.parametrize("n", [300, 4096, 20000])
+def test_gpu_lowering_of_every_row_kernel(monkeypatch, n):
+    """On a CPU machine: every row kernel (registers-resident rows with mask-free whole chunks, the
+    looped rows, RMSNorm with a residual) lowers through Pallas' Triton lowering for an H100, so a
+    kernel that only the GPU path would run cannot break unnoticed on CPU CI."""
+    from jax._src.pallas.triton import gpu_info, pallas_call_registration
+    from pallas_kernels import backend as be
+    if not hasattr(gpu_info, "_get_gpu_info_impl"):
+        pytest.skip("this jax has no way to name an abstract GPU here")
+    monkeypatch.setattr(be, "_platform", lambda: "gpu")
+    monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info",
+                        lambda: gpu_info._get_gpu_info_impl(gpu_info.GpuVersion.H100))
+    x = jax.ShapeDtypeStruct((8, n), jnp.bfloat16)
+    w = jnp.ones((n,), jnp.bfloat16)
+    for op in red.OPS:
+        kw = dict(weight=w) if op == "rms_norm" else {}
+        for resident in ((True, False) if n <= 8192 else (None,)):
+            f = lambda v: red.row_reduce(v, op, backend="gpu", resident=resident, **kw)  # noqa: B023
+            text = jax.jit(f).trace(x).lower(lowering_platforms=("cuda",)).as_text()
+            assert "detjax_row_" + op in text, op
+    f = lambda v: red.row_reduce(v, "rms_norm", weight=w, backend="gpu", residual=v)
+    assert "detjax_row_rms_norm" in jax.jit(f).trace(x).lower(lowering_platforms=("cuda",)).as_text()
