@@ -232,6 +232,9 @@ def test_float32_highest_uses_fma_tiles():
     assert mm.gpu_config_for(64, 4096, 2304, fma=True) == mm.GPU_CONFIGS["fma_small"]
     assert mm.gpu_config_for(4096, 4096, 4096).block_k == 64
     assert mm.gpu_config_for(8, 2304, 2304).block_k == 256
+    assert mm.gpu_config_for(8, 2304, 9216) == mm.GPU_CONFIGS["small_deeper"]   # the 2B down proj.
+    assert mm.gpu_config_for(8, 9216, 9216) == mm.GPU_CONFIGS["small_wide"]
+    assert mm.gpu_config_for(32, 2304, 9216) == mm.GPU_CONFIGS["medium_deep"]
 
 
 def test_gpu_tiles_fit_shared_memory_for_every_dtype():
