@@ -144,17 +144,22 @@ def _stand_in(monkeypatch):
     (the vmap rule, [G, K, H] columns) runs on any machine; record the ``[B, M, K]`` shapes the
     Triton kernel is called with."""
     calls = []
-    triton = mm.matmul_kernel_call
+    triton, grouped = mm.matmul_kernel_call, mm.grouped_matmul_call
 
     def spy(a, b, **kw):
         calls.append(tuple(a.shape))
         return triton(a, b, **kw)
+
+    def spy_grouped(a, ws, **kw):   # on the GPU the grouped Triton kernel is its own launch
+        calls.append(("grouped",) + tuple(a.shape))
+        return grouped(a, ws, **kw)
 
     def fake(a, w, *, tile, out_dtype):
         return triton(a[None], mm._as_columns(w)[None], out_dtype=out_dtype)[0]
 
     monkeypatch.setattr(mg, "matmul", fake)
     monkeypatch.setattr(mm, "matmul_kernel_call", spy)
+    monkeypatch.setattr(mm, "grouped_matmul_call", spy_grouped)
     return calls
 
 
@@ -169,7 +174,10 @@ def test_vmap_rule_turns_the_mapped_axis_into_rows(monkeypatch, grouped):
     w = randn(1, (2, 128, 64), dt) if grouped else randn(1, (128, 128), dt)
     f = lambda x, w: mm._mosaic_rows(x, w, mg.WIDE, jnp.dtype(dt))  # noqa: E731
     out = jax.vmap(f, in_axes=(0, None))(xs, w)
-    assert calls == [(1, 60, 128)], calls          # one call on the 3 x 20 rows
+    if grouped:   # one grouped call on the 3 x 20 rows (interpret mode: one kernel per weight)
+        assert calls in ([("grouped", 60, 128), (1, 60, 128)], [("grouped", 60, 128)]), calls
+    else:         # one call on the 3 x 20 rows
+        assert calls == [(1, 60, 128)], calls
     for i in range(3):
         np.testing.assert_array_equal(bits(out[i]), bits(f(xs[i], w)))
     ws = jnp.stack([w, 2 * w, -w])
