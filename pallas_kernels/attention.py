@@ -55,7 +55,8 @@ Prefill (``attention_fwd_call``) does all of this in one kernel: a split-local s
 state live in registers, merged at split boundaries; blocks and splits outside the q block's union
 of intervals are skipped. Decode (``decode_call``) runs one program per split (its state written to
 HBM, for the real rows of the q block only), then a second Pallas kernel merges the splits in
-ascending order with the *same* ``_merge_states``/``_finalize`` code, so prefill and decode run the
+ascending order with the *same* ``_merge_states``/``_finalize`` code (a cache of one split merges
+and finalizes in the split's program, as prefill does), so prefill and decode run the
 same instruction sequence per row (never an XLA merge on one path and a Pallas merge on the other:
 XLA's and Triton's ``exp`` differ in bits). Every in-kernel reduction (``max``/``sum`` over the 64 keys of a block, the
 dots) has a fixed shape (a ``[64, Hp]`` q tile in every kernel), and ``gpu_config`` gives one
@@ -598,6 +599,27 @@ def _decode_split_kernel(lo_ref, hi_ref, kvl_ref, q_ref, k_ref, v_ref, m_ref, l_
     masked_store(acc_ref, acc, wide, gpu)
 
 
+def _decode_single_kernel(lo_ref, hi_ref, kvl_ref, q_ref, k_ref, v_ref, o_ref, *, cfg, rows, gpu):
+    """Decode whose cache fits one split (``S <= ATTN_SPLIT_K``): the split state, merged into the
+    empty total and finalized in the same program, as the prefill kernel does (its fold over splits
+    runs ``_merge_states(empty, part)`` then ``_finalize`` for one split). The merge kernel would
+    run the same two functions on the same values (the state is f32 in HBM, read back exactly), so
+    the bits are the two-kernel path's; the state never goes to HBM and one launch is saved.
+    Rows past ``rows`` (q padding) are written as 0, as the merge kernel's empty state gives."""
+    lo, hi = lo_ref[...], hi_ref[...]
+    kv_len = jnp.max(kvl_ref[...])
+    q = q_ref[...]
+    blk_start, blk_end = _block_range(lo, hi)
+    b0 = jnp.maximum(blk_start, 0)
+    b1 = jnp.minimum(blk_end, BLOCKS_PER_SPLIT)
+    part = _split_state(q, k_ref, v_ref, lo, hi, kv_len, b0, b1, cfg)
+    out, _ = _finalize(_merge_states(_empty_state((q.shape[0],), part[2].shape[-1]), part))
+    mask = _state_rows_mask(rows)
+    if mask is not None:
+        out = jnp.where(mask[:, None], out, 0.0)
+    o_ref[...] = out.astype(o_ref.dtype)
+
+
 def _decode_merge_kernel(m_ref, l_ref, acc_ref, o_ref, *, num_splits, rows, gpu):
     hp = acc_ref.shape[-1]
     mask = _state_rows_mask(rows)
@@ -613,6 +635,11 @@ def _decode_merge_kernel(m_ref, l_ref, acc_ref, o_ref, *, num_splits, rows, gpu)
     out, _ = _finalize(total)
     o_ref[...] = out.astype(o_ref.dtype)
 
+
+#: A cache of at most one split (``ATTN_SPLIT_K`` keys) decodes in one kernel
+#: (``_decode_single_kernel``) instead of split + merge: the same functions on the same values, so
+#: the same bits (a switch for the A/B benchmark, results/2026-12-04-h200/s15_1_*).
+DECODE_FUSE_SINGLE_SPLIT = True
 
 #: Programs the decode split kernel aims for before it splits value columns (``decode_value_splits``):
 #: twice the H100's 132 SMs.
@@ -667,6 +694,18 @@ def decode_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig, rows: int | None = Non
     ns = -(-sp // ATTN_SPLIT_K)
     ne = decode_value_splits(hp, b * kh * nq * ns, qp.dtype, be)
     hv = hp // ne
+    if ns == 1 and DECODE_FUSE_SINGLE_SPLIT:
+        return pl.pallas_call(
+            functools.partial(_decode_single_kernel, cfg=cfg, rows=mrows, gpu=gpu),
+            grid=(b, kh, nq, ne),
+            in_specs=[_row_spec(), _row_spec(), _row_spec(), _qrow_spec(hp), _kv_full_spec(sp, hp),
+                      pl.BlockSpec((None, sp, None, hv), lambda b, h, i, e: (b, 0, h, e))],
+            out_specs=pl.BlockSpec((None, None, BLOCK_Q, hv), lambda b, h, i, e: (b, h, i, e)),
+            out_shape=jax.ShapeDtypeStruct(qp.shape, qp.dtype),
+            interpret=_backend.interpret_arg(be),
+            compiler_params=_compiler_params(be, hv, "decode", qp.dtype),
+            name="detjax_decode_attention_single",
+        )(lo, hi, kvl, qp, kp, vp)
     # m and l are the same in every column part; each part writes its own copy (no shared writes)
     state_spec = pl.BlockSpec((None, None, None, None, BLOCK_Q), lambda b, h, i, c, e: (b, h, c, e, i))
     acc_spec = pl.BlockSpec((None, None, None, BLOCK_Q, hv), lambda b, h, i, c, e: (b, h, c, i, e))

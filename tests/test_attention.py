@@ -579,6 +579,34 @@ def test_decode_states_for_real_rows_only():
         K.decode_call(*pre, cfg, rows=0)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_decode_single_split_kernel_gives_the_two_kernel_bits(dtype, monkeypatch):
+    """A cache of at most one 1024-key split decodes in one kernel (``DECODE_FUSE_SINGLE_SPLIT``):
+    bitwise the split + merge kernels' output, padding rows 0, for ragged lengths, soft-cap and
+    sliding window, NaN keys / inf values past the lengths, head dims 64 and 256 (on the GPU with
+    the value-column splits the rule picks); and the fused kernel is what runs."""
+    cases = [dict(b=3, t=1, s=700, n=4, kh=2, h=64, qoff=699, ragged=True),
+             dict(b=2, t=3, s=1024, n=8, kh=4, h=256, qoff=1021, ragged=True, window=100, cap=50.0)]
+    for i, kw in enumerate(cases):
+        (qp, kp, vp, lo, hi, kvl), cfg = _prepared(90 + i, dtype=dtype, **kw)
+        tail = jnp.arange(kp.shape[1])[None, :, None, None] >= kvl[:, :1, None, None]
+        kp, vp = jnp.where(tail, jnp.nan, kp), jnp.where(tail, jnp.inf, vp)
+        rows = kw["t"] * kw["n"] // kw["kh"]
+        args = (qp, kp, vp, lo, hi, kvl)
+        for fused in (True, False):
+            monkeypatch.setattr(K, "DECODE_FUSE_SINGLE_SPLIT", fused)
+            call = jax.jit(lambda *a: K.decode_call(*a, cfg, rows=rows))   # a new trace per flag
+            names = str(jax.make_jaxpr(call)(*args))
+            assert ("detjax_decode_attention_single" in names) == fused, f"case {i} fused={fused}"
+            assert ("detjax_decode_attention_merge" in names) != fused, f"case {i} fused={fused}"
+            out = np.asarray(call(*args))
+            if fused:
+                one = out
+        assert_bits_equal(one, out, f"case {i}: one kernel vs split + merge")
+        assert np.all(one[:, :, rows:].astype(np.float32) == 0), f"case {i}: padding rows"
+        assert np.all(np.isfinite(one[:, :, :rows].astype(np.float32))), f"case {i}: real rows finite"
+
+
 @pytest.mark.skipif(INTERPRET, reason="Triton's tile layout exists only on the GPU")
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_gpu_prefill_q_tile_does_not_change_bits(dtype):
