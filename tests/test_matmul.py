@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,7 +60,16 @@ def test_accuracy_vs_float64(rng, dtype, shape):
     x, w = randn(rng, (m, k), dtype), randn(rng, (k, n), dtype)
     out = ops.matmul(x, w)
     assert out.dtype == jnp.dtype(dtype)
-    assert rel_err(out, mm.matmul_f64_reference(x, w)) < TOL[jnp.dtype(dtype)]
+    ref = mm.matmul_f64_reference(x, w)
+    # Normwise relative error, with the norm of the reference floored at the size a random-sign
+    # sum of k products has (|x| @ |w| / sqrt(k)): a lone output (M = N = 1) can cancel to near
+    # zero, and then its float32 rounding error (bounded by |x| @ |w|, not by |x @ w|) is large
+    # next to it (H200 s16-2: 1 of 765 failed that way). Over many outputs the floor is below
+    # the reference's own norm and this is the plain relative error.
+    xa, wa = np.abs(np.asarray(x, np.float64)), np.abs(np.asarray(w, np.float64))
+    err = np.linalg.norm(np.asarray(jnp.asarray(out, jnp.float32), np.float64) - np.asarray(ref))
+    scale = max(np.linalg.norm(np.asarray(ref)), np.linalg.norm(xa @ wa) / math.sqrt(k))
+    assert err / scale < TOL[jnp.dtype(dtype)], (err / scale, rel_err(out, ref))
 
 
 def test_reference_has_same_semantics(rng):
