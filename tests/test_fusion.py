@@ -286,8 +286,12 @@ def test_gemma_xla_model_fuses_every_attention_and_norm(rng):
 
 def test_plain_xla_attention_control(rng):
     """Negative control of the attention tests: the same plain-jnp attention, untransformed, is not
-    batch-invariant on the GPU (XLA picks other dot algorithms for one row and for the batch). On
-    a CPU XLA's attention stayed invariant for the shapes tried, so the control is skipped there."""
+    batch-invariant on the GPU (XLA picks other dot algorithms for one row and for the batch). Which
+    rows come out different depends on the data: on the H200 (results/2026-12-04-h200/s16_5) each
+    of rows 0, 5, 15 broke in about half of six fresh draws, the first-7 slice never, and checking
+    only those three rows let the control pass by chance 2 times in 6. So every row is checked
+    alone (one compiled shape). On a CPU XLA's attention stayed invariant for the shapes tried, so
+    the control is skipped there."""
     q, k, v = _qkv(rng, 16, 128, 128, 8, 4, 64, jnp.bfloat16)
 
     def attn(q, k, v):
@@ -296,9 +300,8 @@ def test_plain_xla_attention_control(rng):
     with jax.default_matmul_precision(None):
         f = jax.jit(attn)
         full = f(q, k, v)
-        broken = [i for i in (0, 5, 15) if not bitwise_equal(f(q[i:i + 1], k[i:i + 1],
-                                                                v[i:i + 1])[0], full[i])]
-        broken += [7] if not bitwise_equal(f(q[:7], k[:7], v[:7]), full[:7]) else []
+        broken = [i for i in range(q.shape[0]) if not bitwise_equal(
+            f(q[i:i + 1], k[i:i + 1], v[i:i + 1])[0], full[i])]
     if not broken:
         assert not ON_GPU, "negative control: plain XLA attention was batch-invariant on the GPU"
         pytest.skip("plain XLA attention is batch-invariant for this shape on this CPU")
