@@ -144,8 +144,9 @@ def gpu_config(head_dim: int, kernel: str = "prefill", dtype=None) -> tuple[int,
       dot of a 16-row tile (``mma.sync``) and of a 64-row tile (``wgmma``) are not interchangeable.
     * warps, downwards: **fewer than 4 warps is not bit-neutral.** Run s15-1 (H200) swept the decode
       kernel at B64, cache 768, head dim 256 (256-column value tiles): 2 warps gave different bits
-      (and 3.8-5.8 ms against 136 us) — a 64-row tile needs a whole warpgroup (4 warps) for
-      ``wgmma``, and with 2 Triton falls back to another dot. 4 and 8 warps gave the same bits.
+      (and 3.8-5.8 ms against 136 us), most likely because ``wgmma`` needs a whole warpgroup
+      (4 warps) and with 2 Triton emits another dot (not checked in the PTX). 4 and 8 warps gave
+      the same bits.
       At 64 value columns 2 warps kept the bits but were 2.4x slower. So the configs here never go
       below 4 warps, and a change to one is a bit change until a GPU run shows otherwise.
     """
