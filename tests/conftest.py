@@ -55,10 +55,11 @@ def assert_bitwise_equal(a, b, what=""):
                              f"first at {idx}: {a[idx]!r} vs {b[idx]!r}")
 
 
-def rel_err(x, ref) -> float:
+def rel_err(x, ref, floor: float = 1e-30) -> float:
+    """Normwise relative error of ``x`` against ``ref``, the norm of ``ref`` floored at ``floor``."""
     x = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
     ref = np.asarray(ref, np.float64)
-    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
+    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), floor))
 
 
 @pytest.fixture
