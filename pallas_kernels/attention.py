@@ -146,9 +146,9 @@ def gpu_config(head_dim: int, kernel: str = "prefill", dtype=None) -> tuple[int,
       kernel at B64, cache 768, head dim 256 (256-column value tiles): 2 warps gave different bits
       (and 3.8-5.8 ms against 136 us), most likely because ``wgmma`` needs a whole warpgroup
       (4 warps) and with 2 Triton emits another dot (not checked in the PTX). 4 and 8 warps gave
-      the same bits.
-      At 64 value columns 2 warps kept the bits but were 2.4x slower. So the configs here never go
-      below 4 warps, and a change to one is a bit change until a GPU run shows otherwise.
+      the same bits. At 64 value columns 2 warps kept the bits but were 2.4x slower. So the configs
+      here never go below 4 warps, and a change to one is a bit change until a GPU run shows
+      otherwise.
     """
     hp = padded_head_dim(head_dim)
     if hp <= 64:
