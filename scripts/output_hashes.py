@@ -72,20 +72,62 @@ def cases():
                                           attention_kernel="mosaic"), rngs=nnx.Rngs(0))
         out = detjax.generate(bm, [[5, 6, 7, 8], [9, 10]], 8)
         yield "gemma tiny bf16 mosaic generate", np.concatenate([np.asarray(x) for x in out.logprobs])
+    # added in session 17 (after the 17 rows above, which stay comparable with older runs): the
+    # paths sessions 11-16 added — the 2-warp deep tile (M <= 16, K >= 8192), the Mosaic matmul
+    # dispatch (16 < M <= 64, wide weights; Triton elsewhere), a narrow projection at M = 7,
+    # multi-split decode at head dim 256 with value splits and a soft cap, the derived row ops,
+    # and prefill with a window and a soft cap at head dim 256
+    ks2 = jax.random.split(jax.random.key(4321), 10)
+    wd = jax.random.normal(ks2[0], (9216, 2304), jnp.bfloat16)
+    wu = jax.random.normal(ks2[1], (2304, 9216), jnp.bfloat16)
+    yield "matmul bf16 8x9216x2304", ops.matmul(jax.random.normal(ks2[2], (8, 9216), jnp.bfloat16), wd)
+    yield "matmul bf16 33x2304x9216", ops.matmul(jax.random.normal(ks2[3], (33, 2304), jnp.bfloat16), wu)
+    yield "matmul bf16 7x2304x1024", ops.matmul(jax.random.normal(ks2[3], (7, 2304), jnp.bfloat16),
+                                                wu[:, :1024])
+    q3 = jax.random.normal(ks2[4], (3, 1, 8, 256), jnp.bfloat16)
+    kv3 = jax.random.normal(ks2[5], (3, 2100, 4, 256), jnp.bfloat16)
+    yield "decode_attention bf16 H256 3 splits", ops.decode_attention(
+        q3, kv3, kv3, jnp.array([2100, 1025, 7], jnp.int32), logits_soft_cap=50.0)
+    r = jax.random.normal(ks2[6], (64, 5000), jnp.bfloat16) * 4
+    yield "logsumexp bf16 64x5000", ops.logsumexp(r)
+    yield "log_softmax bf16 64x5000", ops.log_softmax(r)
+    q4 = jax.random.normal(ks2[7], (2, 300, 8, 256), jnp.bfloat16)
+    kv4 = jax.random.normal(ks2[8], (2, 300, 4, 256), jnp.bfloat16)
+    yield "attention bf16 H256 window soft cap", ops.attention(
+        q4, kv4, kv4, causal=True, sliding_window=100, logits_soft_cap=30.0)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--json", default=None)
+    p.add_argument("--compare", default=None, metavar="OLD.json",
+                   help="a --json file of another run (e.g. another device): say row by row whether "
+                        "the bits are the same; exit 1 if a row both runs have differs")
     args = p.parse_args(argv)
     rows = [(name, h(x)) for name, x in cases()]
     dev = jax.devices()[0].device_kind
     print(f"device: {dev}  backend: {detjax.chosen_backend()}  jax {jax.__version__}")
     for name, digest in rows:
-        print(f"{name:34s} {digest}")
+        print(f"{name:36s} {digest}")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(device=dev, rows=dict(rows)), indent=1))
+    if args.compare:
+        return compare(dict(rows), json.loads(Path(args.compare).read_text()), args.compare)
+    return 0
+
+
+def compare(rows: dict, old: dict, label: str) -> int:
+    """Print ``same`` / ``DIFFERS`` / ``new`` per row against ``old`` (a ``--json`` file's dict)."""
+    ref = old["rows"]
+    same = [k for k in rows if k in ref and ref[k] == rows[k]]
+    differ = [k for k in rows if k in ref and ref[k] != rows[k]]
+    print(f"against {label} ({old.get('device', '?')}):")
+    for k in rows:
+        print(f"  {k:36s} {'new' if k not in ref else 'same' if k in same else 'DIFFERS'}")
+    print(f"{len(same)} of {len(same) + len(differ)} shared rows equal"
+          + (f"; {len(rows) - len(same) - len(differ)} rows new" if len(rows) > len(same) + len(differ) else ""))
+    return 1 if differ else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
