@@ -74,16 +74,21 @@ def randn(rng, shape, dtype, scale=1.0):
     return jnp.asarray(rng.standard_normal(shape) * scale, dtype)
 
 
-def reliability_module():
-    """``scripts/reliability.py`` (fuzzing, stress, bad-input table), imported once per process."""
-    name = "detjax_reliability"
+def script_module(stem: str):
+    """``scripts/<stem>.py`` imported as a module (once per process)."""
+    name = f"detjax_script_{stem}"
     if name not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "scripts" / "reliability.py"
+        path = Path(__file__).resolve().parents[1] / "scripts" / f"{stem}.py"
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+def reliability_module():
+    """``scripts/reliability.py`` (fuzzing, stress, bad-input table), imported once per process."""
+    return script_module("reliability")
 
 
 def plain_attention(q, k, v, *, kv_lengths, causal=True, sliding_window=None, logits_soft_cap=None):
