@@ -260,13 +260,15 @@ def pad_kv(x, hp: int):
     return jnp.pad(x, ((0, 0), (0, sp - s), (0, 0), (0, hp - h)))
 
 
-def prepare(q, k, v, q_positions, kv_lengths, *, causal, sliding_window):
-    """Everything the kernels take, from public-layout arrays: packed q, padded k/v, row ints."""
+def prepare(q, k, v, q_positions, kv_lengths, *, causal, sliding_window, row_block: int = BLOCK_Q):
+    """Everything the kernels take, from public-layout arrays: packed q, padded k/v, row ints.
+    ``row_block``: the packed rows are padded to a multiple of it (1: not padded, for
+    ``decode_call``, whose kernels read the last block's missing rows as this padding)."""
     b, t, n, h = q.shape
     kh = k.shape[2]
     g = n // kh
     hp = padded_head_dim(h)
-    qp = pack_rows(q, kh, hp)
+    qp = pack_rows(q, kh, hp, row_block)
     rp = qp.shape[2]
     lo, hi = row_bounds(q_positions, kv_lengths, causal=causal, sliding_window=sliding_window)
     kvl = jnp.broadcast_to(kv_lengths.astype(jnp.int32)[:, None], (b, t))
@@ -589,45 +591,62 @@ def _state_rows_mask(rows):
     return pl.program_id(2) * BLOCK_Q + jnp.arange(BLOCK_Q, dtype=jnp.int32) < rows
 
 
+def _load_decode_rows(lo_ref, hi_ref, kvl_ref, q_ref, mask, gpu, overhang):
+    """A decode program's row ints and q tile. ``overhang``: the packed arrays hold only the real
+    rows (``DECODE_UNPADDED_ROWS``; the last block overhangs them): the rows past them (outside
+    ``mask``) read as the padding ``prepare`` writes in the padded layout: q 0, the empty interval
+    ``[0, 0)``, length 0 (which never raises the block's ``max`` of the lengths). So both layouts
+    feed the kernel the same values."""
+    if not overhang:
+        return lo_ref[...], hi_ref[...], jnp.max(kvl_ref[...]), q_ref[...]
+    lo = masked_load(lo_ref, mask, gpu, 0)
+    hi = masked_load(hi_ref, mask, gpu, 0)
+    kv_len = jnp.max(masked_load(kvl_ref, mask, gpu, 0))
+    return lo, hi, kv_len, masked_load(q_ref, mask[:, None], gpu, 0.0)
+
+
+def _store_decode_out(o_ref, out, mask, gpu, overhang):
+    """Rows past ``rows`` are written as 0 in the padded layout; an output holding only the real
+    rows (``overhang``) drops them (masked store)."""
+    if mask is not None:
+        out = jnp.where(mask[:, None], out, 0.0)
+    masked_store(o_ref, out.astype(o_ref.dtype), mask[:, None] if overhang else None, gpu)
+
+
 def _decode_split_kernel(lo_ref, hi_ref, kvl_ref, q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, *, cfg,
-                         rows, gpu):
+                         rows, gpu, overhang=False):
     c = pl.program_id(3)
-    lo, hi = lo_ref[...], hi_ref[...]
-    kv_len = jnp.max(kvl_ref[...])
-    q = q_ref[...]
+    mask = _state_rows_mask(rows)
+    wide = None if mask is None else mask[:, None]
+    lo, hi, kv_len, q = _load_decode_rows(lo_ref, hi_ref, kvl_ref, q_ref, mask, gpu, overhang)
     blk_start, blk_end = _block_range(lo, hi)
     b0 = jnp.maximum(blk_start, c * BLOCKS_PER_SPLIT)
     b1 = jnp.minimum(blk_end, (c + 1) * BLOCKS_PER_SPLIT)
     m, l, acc = _split_state(q, k_ref, v_ref, lo, hi, kv_len, b0, b1, cfg)
-    mask = _state_rows_mask(rows)
-    wide = None if mask is None else mask[:, None]
     masked_store(m_ref, m, mask, gpu)
     masked_store(l_ref, l, mask, gpu)
     masked_store(acc_ref, acc, wide, gpu)
 
 
-def _decode_single_kernel(lo_ref, hi_ref, kvl_ref, q_ref, k_ref, v_ref, o_ref, *, cfg, rows, gpu):
+def _decode_single_kernel(lo_ref, hi_ref, kvl_ref, q_ref, k_ref, v_ref, o_ref, *, cfg, rows, gpu,
+                          overhang=False):
     """Decode whose cache fits one split (``S <= ATTN_SPLIT_K``): the split state, merged into the
     empty total and finalized in the same program, as the prefill kernel does (its fold over splits
     runs ``_merge_states(empty, part)`` then ``_finalize`` for one split). The merge kernel would
     run the same two functions on the same values (the state is f32 in HBM, read back exactly), so
     the bits are the two-kernel path's; the state never goes to HBM and one launch is saved.
     Rows past ``rows`` (q padding) are written as 0, as the merge kernel's empty state gives."""
-    lo, hi = lo_ref[...], hi_ref[...]
-    kv_len = jnp.max(kvl_ref[...])
-    q = q_ref[...]
+    mask = _state_rows_mask(rows)
+    lo, hi, kv_len, q = _load_decode_rows(lo_ref, hi_ref, kvl_ref, q_ref, mask, gpu, overhang)
     blk_start, blk_end = _block_range(lo, hi)
     b0 = jnp.maximum(blk_start, 0)
     b1 = jnp.minimum(blk_end, BLOCKS_PER_SPLIT)
     part = _split_state(q, k_ref, v_ref, lo, hi, kv_len, b0, b1, cfg)
     out, _ = _finalize(_merge_states(_empty_state((q.shape[0],), part[2].shape[-1]), part))
-    mask = _state_rows_mask(rows)
-    if mask is not None:
-        out = jnp.where(mask[:, None], out, 0.0)
-    o_ref[...] = out.astype(o_ref.dtype)
+    _store_decode_out(o_ref, out, mask, gpu, overhang)
 
 
-def _decode_merge_kernel(m_ref, l_ref, acc_ref, o_ref, *, num_splits, rows, gpu):
+def _decode_merge_kernel(m_ref, l_ref, acc_ref, o_ref, *, num_splits, rows, gpu, overhang=False):
     hp = acc_ref.shape[-1]
     mask = _state_rows_mask(rows)
     wide = None if mask is None else mask[:, None]
@@ -640,8 +659,14 @@ def _decode_merge_kernel(m_ref, l_ref, acc_ref, o_ref, *, num_splits, rows, gpu)
 
     total = lax.fori_loop(0, num_splits, body, _empty_state((BLOCK_Q,), hp))
     out, _ = _finalize(total)
-    o_ref[...] = out.astype(o_ref.dtype)
+    _store_decode_out(o_ref, out, mask, gpu, overhang)
 
+
+#: Decode packs only the real rows (``prepare(..., row_block=1)``) and its kernels read/write the
+#: overhanging last q block with masks, instead of padding q and the row ints to 64 rows before the
+#: kernels and slicing the output after them (two to four small XLA kernels per call). The same
+#: values reach the same arithmetic, so the same bits (a switch for the A/B benchmark).
+DECODE_UNPADDED_ROWS = True
 
 #: A cache of at most one split (``ATTN_SPLIT_K`` keys) decodes in one kernel
 #: (``_decode_single_kernel``) instead of split + merge: the same functions on the same values, so
@@ -683,6 +708,11 @@ def decode_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig, rows: int | None = Non
     """Split-parallel (flash-decoding) forward on prepared operands; bitwise equal to
     ``attention_fwd_call``'s output. Returns ``o [B, K, Rp, Hp]``.
 
+    ``qp``'s rows (and ``lo``/``hi``/``kvl``'s) need not be padded to a multiple of ``BLOCK_Q``
+    (``prepare(..., row_block=1)``): the last q block then overhangs them, its missing rows read as
+    the padding (q 0, empty interval) and are not written back, so the output has ``qp``'s rows and
+    no padding pass runs before or after the kernels (``DECODE_UNPADDED_ROWS``).
+
     ``rows``: how many packed rows are real (``T * G``; default all ``Rp``). The per-split states
     (``m``, ``l``, ``acc`` in float32, written by the split kernel and read by the merge kernel)
     are stored for these rows only: a decode step has ``G`` real rows of the 64 in its q block, and
@@ -693,17 +723,21 @@ def decode_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig, rows: int | None = Non
     gpu = be == "gpu"
     b, kh, rp, hp = qp.shape
     sp = kp.shape[1]
-    nq = rp // BLOCK_Q
+    nq = -(-rp // BLOCK_Q)
+    overhang = rp % BLOCK_Q != 0
     r = rp if rows is None else int(rows)
     if not 0 < r <= rp:
         raise ValueError(f"rows must lie in (0, {rp}], got {rows}")
-    mrows = None if r == rp else r
+    if overhang and r != rp:
+        raise ValueError(f"packed rows not padded to a multiple of {BLOCK_Q} ({rp}) must all be real "
+                         f"(rows={rows})")
+    mrows = None if r == nq * BLOCK_Q else r
     ns = -(-sp // ATTN_SPLIT_K)
     ne = decode_value_splits(hp, b * kh * nq * ns, qp.dtype, be)
     hv = hp // ne
     if ns == 1 and DECODE_FUSE_SINGLE_SPLIT:
         return pl.pallas_call(
-            functools.partial(_decode_single_kernel, cfg=cfg, rows=mrows, gpu=gpu),
+            functools.partial(_decode_single_kernel, cfg=cfg, rows=mrows, gpu=gpu, overhang=overhang),
             grid=(b, kh, nq, ne),
             in_specs=[_row_spec(), _row_spec(), _row_spec(), _qrow_spec(hp), _kv_full_spec(sp, hp),
                       pl.BlockSpec((None, sp, None, hv), lambda b, h, i, e: (b, 0, h, e))],
@@ -717,7 +751,7 @@ def decode_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig, rows: int | None = Non
     state_spec = pl.BlockSpec((None, None, None, None, BLOCK_Q), lambda b, h, i, c, e: (b, h, c, e, i))
     acc_spec = pl.BlockSpec((None, None, None, BLOCK_Q, hv), lambda b, h, i, c, e: (b, h, c, i, e))
     m, l, acc = pl.pallas_call(
-        functools.partial(_decode_split_kernel, cfg=cfg, rows=mrows, gpu=gpu),
+        functools.partial(_decode_split_kernel, cfg=cfg, rows=mrows, gpu=gpu, overhang=overhang),
         grid=(b, kh, nq, ns, ne),
         in_specs=[_row_spec(), _row_spec(), _row_spec(), _qrow_spec(hp), _kv_full_spec(sp, hp),
                   pl.BlockSpec((None, sp, None, hv), lambda b, h, i, c, e: (b, 0, h, e))],
@@ -730,7 +764,7 @@ def decode_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig, rows: int | None = Non
         name="detjax_decode_attention_split",
     )(lo, hi, kvl, qp, kp, vp)
     return pl.pallas_call(
-        functools.partial(_decode_merge_kernel, num_splits=ns, rows=mrows, gpu=gpu),
+        functools.partial(_decode_merge_kernel, num_splits=ns, rows=mrows, gpu=gpu, overhang=overhang),
         grid=(b, kh, nq),
         in_specs=[pl.BlockSpec((None, None, ns, None, BLOCK_Q), lambda b, h, i: (b, h, 0, 0, i)),
                   pl.BlockSpec((None, None, ns, None, BLOCK_Q), lambda b, h, i: (b, h, 0, 0, i)),

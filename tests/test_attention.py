@@ -580,6 +580,44 @@ def test_decode_states_for_real_rows_only():
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_decode_unpadded_rows_give_the_padded_bits(dtype, monkeypatch):
+    """``prepare(..., row_block=1)`` packs only the real rows; ``decode_call`` then reads and writes
+    the overhanging last q block with masks (``DECODE_UNPADDED_ROWS``). Bitwise the padded layout's
+    real rows: one split (fused kernel) and several (split + merge), 1 and 2 q blocks (T*G = 2, 6,
+    70), ragged lengths, soft cap and window, NaN keys / inf values past the lengths; and through
+    ``decode_attention`` with the switch on and off. The output has the real rows only."""
+    cases = [dict(b=3, t=1, s=700, n=4, kh=2, h=64, ragged=True),
+             dict(b=2, t=3, s=1100, n=8, kh=4, h=128, ragged=True, window=300, cap=50.0),
+             dict(b=2, t=35, s=2100, n=4, kh=2, h=32, ragged=True)]
+    for i, kw in enumerate(cases):
+        b, t, s, n, kh, h = (kw[x] for x in ("b", "t", "s", "n", "kh", "h"))
+        q, k, v = qkv(200 + i, b, t, s, n, kh, h, dtype)
+        lengths = jnp.array([s - 37 * j for j in range(b)], jnp.int32)
+        tail = jnp.arange(s)[None, :, None, None] >= lengths[:, None, None, None]
+        k, v = jnp.where(tail, jnp.nan, k), jnp.where(tail, jnp.inf, v)
+        pos = lengths[:, None] - t + jnp.arange(t, dtype=jnp.int32)[None]
+        cfg = K.AttnConfig(scale=h ** -0.5, soft_cap=kw.get("cap"), backend=_backend.chosen_backend())
+        rows = t * n // kh
+        opts = dict(causal=True, sliding_window=kw.get("window"))
+        padded = K.decode_call(*K.prepare(q, k, v, pos, lengths, **opts), cfg, rows=rows)
+        pre = K.prepare(q, k, v, pos, lengths, **opts, row_block=1)
+        assert pre[0].shape[2] == rows and pre[3].shape == (b, rows), f"case {i}: unpadded packing"
+        unpadded = K.decode_call(*pre, cfg, rows=rows)
+        assert unpadded.shape == (b, kh, rows, pre[0].shape[3]), f"case {i}: real rows only"
+        assert_bits_equal(unpadded, np.asarray(padded)[:, :, :rows], f"case {i}: unpadded vs padded")
+        assert np.all(np.isfinite(np.asarray(unpadded, np.float32))), f"case {i}: finite"
+        outs = []
+        for flag in (True, False):
+            monkeypatch.setattr(K, "DECODE_UNPADDED_ROWS", flag)
+            outs.append(np.asarray(jax.jit(lambda *a: decode_attention(*a, sliding_window=kw.get("window"),
+                                                                          logits_soft_cap=kw.get("cap")))(
+                q, k, v, lengths)))   # a new trace per flag
+        assert_bits_equal(outs[0], outs[1], f"case {i}: decode_attention, switch on vs off")
+    with pytest.raises(ValueError, match="rows"):   # unpadded rows must all be real
+        K.decode_call(*pre, cfg, rows=rows - 1)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 def test_decode_single_split_kernel_gives_the_two_kernel_bits(dtype, monkeypatch):
     """A cache of at most one 1024-key split decodes in one kernel (``DECODE_FUSE_SINGLE_SPLIT``):
     bitwise the split + merge kernels' output, padding rows 0, for ragged lengths, soft-cap and

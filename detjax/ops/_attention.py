@@ -173,8 +173,9 @@ def _run(q, k, v, q_positions, kv_lengths, *, cfg, causal, sliding_window, decod
         return tpu_attention.attention(q, k, v, q_positions, kv_lengths, cfg=cfg, causal=causal,
                                        sliding_window=sliding_window)
     b, t, n, h = q.shape
+    row_block = 1 if decode and _k.DECODE_UNPADDED_ROWS else _k.BLOCK_Q
     qp, kp, vp, lo, hi, kvl = _k.prepare(q, k, v, q_positions, kv_lengths, causal=causal,
-                                         sliding_window=sliding_window)
+                                         sliding_window=sliding_window, row_block=row_block)
     if decode:
         o = _k.decode_call(qp, kp, vp, lo, hi, kvl, cfg, rows=t * (n // k.shape[2]))
     else:
