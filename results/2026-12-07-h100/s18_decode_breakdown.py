@@ -1,0 +1,111 @@
+"""Session 18: where a decode call's device time goes. For each decode shape (one token x 8 query
+heads, full caches, bf16), the CUPTI time of every kernel of one call (median over 10 calls) of XLA
+(``jax.nn.dot_product_attention``, implementation 'xla', length mask), the default (Triton) split
+decode and the opt-in Mosaic GPU decode; % of copy for the K/V bytes, over the whole call and over
+its attention kernels alone.
+
+Then the A/B of this session's unpadded decode rows (``DECODE_UNPADDED_ROWS`` off / on: time and
+bits at ragged lengths) and, with ``--value-splits``, decode with ``DECODE_TARGET_PROGRAMS`` x1/x2/x4.
+
+Run from the repo root: python results/2026-12-07-h100/s18_decode_breakdown.py [COPY_GBS] [--value-splits]
+"""
+import statistics
+import sys
+
+sys.path.insert(0, ".")
+import jax
+import jax.numpy as jnp
+from jax.experimental.mosaic.gpu import profiler
+
+from detjax.experimental import mosaic_decode_attention
+from detjax.ops._attention import decode_attention
+
+args = [a for a in sys.argv[1:] if not a.startswith('--')]
+copy = float(args[0]) if args else 3028.0
+
+
+def breakdown(f, *args, iters=10):
+    f = jax.jit(f)
+    jax.block_until_ready(f(*args))
+    jax.block_until_ready(f(*args))
+    _, per_iter = profiler.measure(f, aggregate=False, iterations=iters)(*args)
+    names = [n for n, _ in per_iter[0]]
+    return [(n, statistics.median(it[i][1] for it in per_iter)) for i, n in enumerate(names)]
+
+
+key = jax.random.key(4)
+for b, s, kh, h in [(8, 8192, 4, 128), (1, 8192, 1, 128), (8, 8192, 4, 256), (8, 768, 4, 256)]:
+    kq, kk, kv = jax.random.split(jax.random.fold_in(key, b * s + kh + h), 3)
+    q = jax.random.normal(kq, (b, 1, 8, h), jnp.bfloat16)
+    kc = jax.random.normal(kk, (b, s, kh, h), jnp.bfloat16)
+    vc = jax.random.normal(kv, (b, s, kh, h), jnp.bfloat16)
+    lengths = jnp.full((b,), s, jnp.int32)
+
+    def xla(q, kc, vc, lengths, s=s):
+        m = (jnp.arange(s)[None, :] < lengths[:, None])[:, None, None, :]
+        return jax.nn.dot_product_attention(q, kc, vc, mask=m, implementation="xla")
+
+    mb = (kc.nbytes + vc.nbytes) / 1e6
+    print(f"== decode B{b} cache{s} K{kh} H{h} ({mb:.0f} MB of K/V)", flush=True)
+    for name, f in [("xla", xla), ("default", lambda q, kc, vc, l: decode_attention(q, kc, vc, l)),
+                    ("mosaic", lambda q, kc, vc, l: mosaic_decode_attention(q, kc, vc, l))]:
+        ks = breakdown(f, q, kc, vc, lengths)
+        tot = sum(t for _, t in ks)
+        attn = sum(t for n, t in ks if "attention" in n or "decode" in n)
+        print(f"  {name:8s} total {tot*1e3:7.1f} us ({100*mb/tot/copy:5.1f}% copy); "
+              f"attention kernels {attn*1e3:7.1f} us ({100*mb/attn/copy if attn else 0:5.1f}%)")
+        for n, t in ks:
+            print(f"      {t*1e3:7.1f} us  {n[:90]}")
+
+# Value splits (bit-neutral, GPU-tested) at more programs than DECODE_TARGET_PROGRAMS allows today:
+# does re-reading K for more parallelism pay at batch 8 / long caches? (bits checked against 264)
+from benchmarks.bench_kernels import device_ms
+from pallas_kernels import attention as _k
+
+print("== unpadded decode rows (DECODE_UNPADDED_ROWS) on / off: time and bits", flush=True)
+for b, s, kh, h in [(8, 8192, 4, 128), (8, 32768, 4, 128), (1, 8192, 1, 128), (8, 768, 4, 256),
+                    (64, 8192, 4, 128)]:
+    kq, kk, kv = jax.random.split(jax.random.fold_in(key, b * s + kh + h), 3)
+    q = jax.random.normal(kq, (b, 1, 8, h), jnp.bfloat16)
+    kc = jax.random.normal(kk, (b, s, kh, h), jnp.bfloat16)
+    vc = jax.random.normal(kv, (b, s, kh, h), jnp.bfloat16)
+    lengths = (jnp.arange(b, dtype=jnp.int32) * 997) % s + 1  # ragged
+    mb = (kc.nbytes + vc.nbytes) / 1e6
+    res = {}
+    for flag in (False, True):
+        _k.DECODE_UNPADDED_ROWS = flag
+        f = lambda q, kc, vc, l: decode_attention(q, kc, vc, l)  # noqa: E731 (a new trace per flag)
+        out = jax.jit(f)(q, kc, vc, lengths)
+        full = jnp.full((b,), s, jnp.int32)
+        res[flag] = (jax.lax.bitcast_convert_type(out, jnp.uint16), device_ms(f, q, kc, vc, full, iters=10))
+    _k.DECODE_UNPADDED_ROWS = True
+    same = bool(jnp.all(res[False][0] == res[True][0]))
+    print(f"  B{b} cache{s} K{kh} H{h}: padded {res[False][1]*1e3:.1f} us ({100*mb/res[False][1]/copy:.1f}%) "
+          f"unpadded {res[True][1]*1e3:.1f} us ({100*mb/res[True][1]/copy:.1f}%) "
+          f"{res[False][1]/res[True][1]:.3f}x, ragged-length bits same={same}", flush=True)
+
+if "--value-splits" not in sys.argv:
+    sys.exit(0)
+print("== value splits vs DECODE_TARGET_PROGRAMS", flush=True)
+default_target = _k.DECODE_TARGET_PROGRAMS
+for b, s, kh, h in [(8, 8192, 4, 128), (8, 32768, 4, 128), (1, 32768, 4, 128), (1, 8192, 1, 128),
+                    (8, 8192, 4, 256)]:
+    kq, kk, kv = jax.random.split(jax.random.fold_in(key, b * s + kh + h), 3)
+    q = jax.random.normal(kq, (b, 1, 8, h), jnp.bfloat16)
+    kc = jax.random.normal(kk, (b, s, kh, h), jnp.bfloat16)
+    vc = jax.random.normal(kv, (b, s, kh, h), jnp.bfloat16)
+    lengths = jnp.full((b,), s, jnp.int32)
+    mb = (kc.nbytes + vc.nbytes) / 1e6
+    ref = None
+    line = f"  B{b} cache{s} K{kh} H{h}:"
+    for target in (default_target, 2 * default_target, 4 * default_target):
+        _k.DECODE_TARGET_PROGRAMS = target
+        f = lambda q, kc, vc, l: decode_attention(q, kc, vc, l)  # noqa: E731 (a new trace per target)
+        out = jax.jit(f)(q, kc, vc, lengths)
+        ref = out if ref is None else ref
+        same = bool(jnp.all(jax.lax.bitcast_convert_type(out, jnp.uint16)
+                            == jax.lax.bitcast_convert_type(ref, jnp.uint16)))
+        t = device_ms(f, q, kc, vc, lengths, iters=10)
+        line += f" target {target}: {t*1e3:.1f} us {100*mb/t/copy:.1f}% same={same} |"
+    _k.DECODE_TARGET_PROGRAMS = default_target
+    print(line, flush=True)
