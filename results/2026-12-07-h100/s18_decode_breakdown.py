@@ -8,6 +8,7 @@ Then the A/B of this session's unpadded decode rows (``DECODE_UNPADDED_ROWS`` of
 bits at ragged lengths) and, with ``--value-splits``, decode with ``DECODE_TARGET_PROGRAMS`` x1/x2/x4.
 
 Run from the repo root: python results/2026-12-07-h100/s18_decode_breakdown.py [COPY_GBS] [--value-splits]
+[--ab-only] (only the unpadded-rows A/B)
 """
 import statistics
 import sys
@@ -34,7 +35,8 @@ def breakdown(f, *args, iters=10):
 
 
 key = jax.random.key(4)
-for b, s, kh, h in [(8, 8192, 4, 128), (1, 8192, 1, 128), (8, 8192, 4, 256), (8, 768, 4, 256)]:
+for b, s, kh, h in ([] if "--ab-only" in sys.argv else
+                    [(8, 8192, 4, 128), (1, 8192, 1, 128), (8, 8192, 4, 256), (8, 768, 4, 256)]):
     kq, kk, kv = jax.random.split(jax.random.fold_in(key, b * s + kh + h), 3)
     q = jax.random.normal(kq, (b, 1, 8, h), jnp.bfloat16)
     kc = jax.random.normal(kk, (b, s, kh, h), jnp.bfloat16)
