@@ -65,12 +65,13 @@ from benchmarks.bench_kernels import device_ms
 from pallas_kernels import attention as _k
 
 print("== unpadded decode rows (DECODE_UNPADDED_ROWS) on / off: time and bits", flush=True)
-for b, s, kh, h in [(8, 8192, 4, 128), (8, 32768, 4, 128), (1, 8192, 1, 128), (8, 768, 4, 256),
-                    (64, 8192, 4, 128)]:
+for b, s, kh, h, dt in [(8, 8192, 4, 128, jnp.bfloat16), (8, 32768, 4, 128, jnp.bfloat16),
+                        (1, 8192, 1, 128, jnp.bfloat16), (8, 768, 4, 256, jnp.bfloat16),
+                        (8, 768, 4, 256, jnp.float16), (64, 8192, 4, 128, jnp.bfloat16)]:
     kq, kk, kv = jax.random.split(jax.random.fold_in(key, b * s + kh + h), 3)
-    q = jax.random.normal(kq, (b, 1, 8, h), jnp.bfloat16)
-    kc = jax.random.normal(kk, (b, s, kh, h), jnp.bfloat16)
-    vc = jax.random.normal(kv, (b, s, kh, h), jnp.bfloat16)
+    q = jax.random.normal(kq, (b, 1, 8, h), dt)
+    kc = jax.random.normal(kk, (b, s, kh, h), dt)
+    vc = jax.random.normal(kv, (b, s, kh, h), dt)
     lengths = (jnp.arange(b, dtype=jnp.int32) * 997) % s + 1  # ragged
     mb = (kc.nbytes + vc.nbytes) / 1e6
     res = {}
@@ -82,7 +83,7 @@ for b, s, kh, h in [(8, 8192, 4, 128), (8, 32768, 4, 128), (1, 8192, 1, 128), (8
         res[flag] = (jax.lax.bitcast_convert_type(out, jnp.uint16), device_ms(f, q, kc, vc, full, iters=10))
     _k.DECODE_UNPADDED_ROWS = True
     same = bool(jnp.all(res[False][0] == res[True][0]))
-    print(f"  B{b} cache{s} K{kh} H{h}: padded {res[False][1]*1e3:.1f} us ({100*mb/res[False][1]/copy:.1f}%) "
+    print(f"  {jnp.dtype(dt).name} B{b} cache{s} K{kh} H{h}: padded {res[False][1]*1e3:.1f} us ({100*mb/res[False][1]/copy:.1f}%) "
           f"unpadded {res[True][1]*1e3:.1f} us ({100*mb/res[True][1]/copy:.1f}%) "
           f"{res[False][1]/res[True][1]:.3f}x, ragged-length bits same={same}", flush=True)
 
