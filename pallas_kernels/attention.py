@@ -591,14 +591,14 @@ def _state_rows_mask(rows):
     return pl.program_id(2) * BLOCK_Q + jnp.arange(BLOCK_Q, dtype=jnp.int32) < rows
 
 
-def _load_decode_rows(lo_ref, hi_ref, kvl_ref, q_ref, mask, gpu, overhang):
+def _load_decode_rows(lo_ref, hi_ref, kvl_ref, q_ref, rows, gpu, overhang):
     """A decode program's row ints and q tile. ``overhang``: the packed arrays hold only the real
-    rows (``DECODE_UNPADDED_ROWS``; the last block overhangs them): the rows past them (outside
-    ``mask``) read as the padding ``prepare`` writes in the padded layout: q 0, the empty interval
+    rows (``DECODE_UNPADDED_ROWS``; the last block overhangs them): the rows past ``rows`` read as the padding ``prepare`` writes in the padded layout: q 0, the empty interval
     ``[0, 0)``, length 0 (which never raises the block's ``max`` of the lengths). So both layouts
     feed the kernel the same values."""
     if not overhang:
         return lo_ref[...], hi_ref[...], jnp.max(kvl_ref[...]), q_ref[...]
+    mask = _state_rows_mask(rows)
     lo = masked_load(lo_ref, mask, gpu, 0)
     hi = masked_load(hi_ref, mask, gpu, 0)
     kv_len = jnp.max(masked_load(kvl_ref, mask, gpu, 0))
@@ -616,13 +616,13 @@ def _store_decode_out(o_ref, out, mask, gpu, overhang):
 def _decode_split_kernel(lo_ref, hi_ref, kvl_ref, q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, *, cfg,
                          rows, gpu, overhang=False):
     c = pl.program_id(3)
-    mask = _state_rows_mask(rows)
-    wide = None if mask is None else mask[:, None]
-    lo, hi, kv_len, q = _load_decode_rows(lo_ref, hi_ref, kvl_ref, q_ref, mask, gpu, overhang)
+    lo, hi, kv_len, q = _load_decode_rows(lo_ref, hi_ref, kvl_ref, q_ref, rows, gpu, overhang)
     blk_start, blk_end = _block_range(lo, hi)
     b0 = jnp.maximum(blk_start, c * BLOCKS_PER_SPLIT)
     b1 = jnp.minimum(blk_end, (c + 1) * BLOCKS_PER_SPLIT)
     m, l, acc = _split_state(q, k_ref, v_ref, lo, hi, kv_len, b0, b1, cfg)
+    mask = _state_rows_mask(rows)
+    wide = None if mask is None else mask[:, None]
     masked_store(m_ref, m, mask, gpu)
     masked_store(l_ref, l, mask, gpu)
     masked_store(acc_ref, acc, wide, gpu)
@@ -636,14 +636,13 @@ def _decode_single_kernel(lo_ref, hi_ref, kvl_ref, q_ref, k_ref, v_ref, o_ref, *
     run the same two functions on the same values (the state is f32 in HBM, read back exactly), so
     the bits are the two-kernel path's; the state never goes to HBM and one launch is saved.
     Rows past ``rows`` (q padding) are written as 0, as the merge kernel's empty state gives."""
-    mask = _state_rows_mask(rows)
-    lo, hi, kv_len, q = _load_decode_rows(lo_ref, hi_ref, kvl_ref, q_ref, mask, gpu, overhang)
+    lo, hi, kv_len, q = _load_decode_rows(lo_ref, hi_ref, kvl_ref, q_ref, rows, gpu, overhang)
     blk_start, blk_end = _block_range(lo, hi)
     b0 = jnp.maximum(blk_start, 0)
     b1 = jnp.minimum(blk_end, BLOCKS_PER_SPLIT)
     part = _split_state(q, k_ref, v_ref, lo, hi, kv_len, b0, b1, cfg)
     out, _ = _finalize(_merge_states(_empty_state((q.shape[0],), part[2].shape[-1]), part))
-    _store_decode_out(o_ref, out, mask, gpu, overhang)
+    _store_decode_out(o_ref, out, _state_rows_mask(rows), gpu, overhang)
 
 
 def _decode_merge_kernel(m_ref, l_ref, acc_ref, o_ref, *, num_splits, rows, gpu, overhang=False):
@@ -659,14 +658,19 @@ def _decode_merge_kernel(m_ref, l_ref, acc_ref, o_ref, *, num_splits, rows, gpu,
 
     total = lax.fori_loop(0, num_splits, body, _empty_state((BLOCK_Q,), hp))
     out, _ = _finalize(total)
-    _store_decode_out(o_ref, out, mask, gpu, overhang)
+    # padding rows finalize the empty state to 0; only an overhanging block needs the mask
+    _store_decode_out(o_ref, out, mask if overhang else None, gpu, overhang)
 
 
-#: Decode packs only the real rows (``prepare(..., row_block=1)``) and its kernels read/write the
-#: overhanging last q block with masks, instead of padding q and the row ints to 64 rows before the
-#: kernels and slicing the output after them (two to four small XLA kernels per call). The same
-#: values reach the same arithmetic, so the same bits (a switch for the A/B benchmark).
-DECODE_UNPADDED_ROWS = True
+#: On: decode packs only the real rows (``prepare(..., row_block=1)``) and its kernels read/write
+#: the overhanging last q block with masks, instead of padding q and the row ints to 64 rows before
+#: the kernels and slicing the output after them (small XLA kernels around every decode call). The
+#: same values reach the same arithmetic; bitwise equal to the padded layout in interpret mode
+#: (``test_decode_unpadded_rows_give_the_padded_bits``). **Off by default until a GPU run shows its
+#: bits and its speed** (session 18 got no GPU; ``benchmarks/decode_breakdown.py`` is the A/B, and
+#: the test above runs compiled on a GPU). Off, the traced kernels are those of sessions 16-17
+#: (the same jaxpr, so the same bits).
+DECODE_UNPADDED_ROWS = False
 
 #: A cache of at most one split (``ATTN_SPLIT_K`` keys) decodes in one kernel
 #: (``_decode_single_kernel``) instead of split + merge: the same functions on the same values, so
@@ -711,7 +715,7 @@ def decode_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig, rows: int | None = Non
     ``qp``'s rows (and ``lo``/``hi``/``kvl``'s) need not be padded to a multiple of ``BLOCK_Q``
     (``prepare(..., row_block=1)``): the last q block then overhangs them, its missing rows read as
     the padding (q 0, empty interval) and are not written back, so the output has ``qp``'s rows and
-    no padding pass runs before or after the kernels (``DECODE_UNPADDED_ROWS``).
+    no padding pass runs before or after the kernels (``DECODE_UNPADDED_ROWS``, off by default).
 
     ``rows``: how many packed rows are real (``T * G``; default all ``Rp``). The per-split states
     (``m``, ``l``, ``acc`` in float32, written by the split kernel and read by the merge kernel)

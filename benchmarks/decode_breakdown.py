@@ -1,14 +1,18 @@
-"""Session 18: where a decode call's device time goes. For each decode shape (one token x 8 query
-heads, full caches, bf16), the CUPTI time of every kernel of one call (median over 10 calls) of XLA
-(``jax.nn.dot_product_attention``, implementation 'xla', length mask), the default (Triton) split
-decode and the opt-in Mosaic GPU decode; % of copy for the K/V bytes, over the whole call and over
-its attention kernels alone.
+"""Where a decode call's device time goes (GPU only; written in session 18, not yet run).
 
-Then the A/B of this session's unpadded decode rows (``DECODE_UNPADDED_ROWS`` off / on: time and
-bits at ragged lengths) and, with ``--value-splits``, decode with ``DECODE_TARGET_PROGRAMS`` x1/x2/x4.
+1. For each decode shape (one token x 8 query heads, full caches, bf16): the CUPTI time of every
+   kernel of one call (median over 10 calls) of XLA (``jax.nn.dot_product_attention``,
+   implementation 'xla', length mask), the default (Triton) split decode and the opt-in Mosaic GPU
+   decode; % of copy for the K/V bytes over the whole call and over its attention kernels alone
+   (the rest is the small XLA kernels around them: q packing, row intervals, output slicing).
+2. The A/B of ``pallas_kernels.attention.DECODE_UNPADDED_ROWS`` (off / on): time at full caches
+   and the bits at ragged lengths (bf16, and f16 at one shape). The switch stays off until this
+   shows the same bits on the GPU and a gain.
+3. With ``--value-splits``: decode with ``DECODE_TARGET_PROGRAMS`` x1/x2/x4 (bit-neutral value
+   splits at more programs), time and bits.
 
-Run from the repo root: python results/2026-12-07-h100/s18_decode_breakdown.py [COPY_GBS] [--value-splits]
-[--ab-only] (only the unpadded-rows A/B)
+Run from the repo root: python benchmarks/decode_breakdown.py [COPY_GBS] [--ab-only] [--value-splits]
+(COPY_GBS: the copy bandwidth for the %; default 3028, the H100's of session 17.)
 """
 import statistics
 import sys
@@ -21,6 +25,9 @@ from jax.experimental.mosaic.gpu import profiler
 from detjax.experimental import mosaic_decode_attention
 from detjax.ops._attention import decode_attention
 
+if jax.default_backend() != "gpu":
+    sys.exit(f"decode_breakdown.py needs a GPU (CUPTI per-kernel times); the default backend is "
+             f"{jax.default_backend()!r}")
 args = [a for a in sys.argv[1:] if not a.startswith('--')]
 copy = float(args[0]) if args else 3028.0
 
