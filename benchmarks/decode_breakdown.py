@@ -20,19 +20,17 @@ import sys
 sys.path.insert(0, ".")
 import jax
 import jax.numpy as jnp
-from jax.experimental.mosaic.gpu import profiler
+import numpy as np
 
+from benchmarks.bench_kernels import device_ms
 from detjax.experimental import mosaic_decode_attention
 from detjax.ops._attention import decode_attention
-
-if jax.default_backend() != "gpu":
-    sys.exit(f"decode_breakdown.py needs a GPU (CUPTI per-kernel times); the default backend is "
-             f"{jax.default_backend()!r}")
-args = [a for a in sys.argv[1:] if not a.startswith('--')]
-copy = float(args[0]) if args else 3028.0
+from pallas_kernels import attention as _k
 
 
 def breakdown(f, *args, iters=10):
+    """``[(kernel name, median ms)]`` of every kernel one call of the jitted ``f`` launches."""
+    from jax.experimental.mosaic.gpu import profiler
     f = jax.jit(f)
     jax.block_until_ready(f(*args))
     jax.block_until_ready(f(*args))
@@ -41,81 +39,93 @@ def breakdown(f, *args, iters=10):
     return [(n, statistics.median(it[i][1] for it in per_iter)) for i, n in enumerate(names)]
 
 
-key = jax.random.key(4)
-for b, s, kh, h in ([] if "--ab-only" in sys.argv else
-                    [(8, 8192, 4, 128), (1, 8192, 1, 128), (8, 8192, 4, 256), (8, 768, 4, 256)]):
-    kq, kk, kv = jax.random.split(jax.random.fold_in(key, b * s + kh + h), 3)
-    q = jax.random.normal(kq, (b, 1, 8, h), jnp.bfloat16)
-    kc = jax.random.normal(kk, (b, s, kh, h), jnp.bfloat16)
-    vc = jax.random.normal(kv, (b, s, kh, h), jnp.bfloat16)
-    lengths = jnp.full((b,), s, jnp.int32)
+def case(b, s, kh, h, dtype=jnp.bfloat16, ragged=False):
+    """One new token x 8 query heads against a ``[b, s, kh, h]`` cache: ``(q, k, v, lengths, MB)``;
+    full caches, or ragged lengths in ``[1, s]``."""
+    kq, kk, kv = jax.random.split(jax.random.fold_in(jax.random.key(4), b * s + kh + h), 3)
+    q = jax.random.normal(kq, (b, 1, 8, h), dtype)
+    kc = jax.random.normal(kk, (b, s, kh, h), dtype)
+    vc = jax.random.normal(kv, (b, s, kh, h), dtype)
+    lengths = ((jnp.arange(b, dtype=jnp.int32) * 997) % s + 1 if ragged
+               else jnp.full((b,), s, jnp.int32))
+    return q, kc, vc, lengths, (kc.nbytes + vc.nbytes) / 1e6
 
-    def xla(q, kc, vc, lengths, s=s):
-        m = (jnp.arange(s)[None, :] < lengths[:, None])[:, None, None, :]
-        return jax.nn.dot_product_attention(q, kc, vc, mask=m, implementation="xla")
 
-    mb = (kc.nbytes + vc.nbytes) / 1e6
-    print(f"== decode B{b} cache{s} K{kh} H{h} ({mb:.0f} MB of K/V)", flush=True)
-    for name, f in [("xla", xla), ("default", lambda q, kc, vc, l: decode_attention(q, kc, vc, l)),
-                    ("mosaic", lambda q, kc, vc, l: mosaic_decode_attention(q, kc, vc, l))]:
-        ks = breakdown(f, q, kc, vc, lengths)
-        tot = sum(t for _, t in ks)
-        attn = sum(t for n, t in ks if "attention" in n or "decode" in n)
-        print(f"  {name:8s} total {tot*1e3:7.1f} us ({100*mb/tot/copy:5.1f}% copy); "
-              f"attention kernels {attn*1e3:7.1f} us ({100*mb/attn/copy if attn else 0:5.1f}%)")
-        for n, t in ks:
-            print(f"      {t*1e3:7.1f} us  {n[:90]}")
+def xla(q, kc, vc, lengths):
+    m = (jnp.arange(kc.shape[1])[None, :] < lengths[:, None])[:, None, None, :]
+    return jax.nn.dot_product_attention(q, kc, vc, mask=m, implementation="xla")
 
-# Value splits (bit-neutral, GPU-tested) at more programs than DECODE_TARGET_PROGRAMS allows today:
-# does re-reading K for more parallelism pay at batch 8 / long caches? (bits checked against 264)
-from benchmarks.bench_kernels import device_ms
-from pallas_kernels import attention as _k
 
-print("== unpadded decode rows (DECODE_UNPADDED_ROWS) on / off: time and bits", flush=True)
-for b, s, kh, h, dt in [(8, 8192, 4, 128, jnp.bfloat16), (8, 32768, 4, 128, jnp.bfloat16),
-                        (1, 8192, 1, 128, jnp.bfloat16), (8, 768, 4, 256, jnp.bfloat16),
-                        (8, 768, 4, 256, jnp.float16), (64, 8192, 4, 128, jnp.bfloat16)]:
-    kq, kk, kv = jax.random.split(jax.random.fold_in(key, b * s + kh + h), 3)
-    q = jax.random.normal(kq, (b, 1, 8, h), dt)
-    kc = jax.random.normal(kk, (b, s, kh, h), dt)
-    vc = jax.random.normal(kv, (b, s, kh, h), dt)
-    lengths = (jnp.arange(b, dtype=jnp.int32) * 997) % s + 1  # ragged
-    mb = (kc.nbytes + vc.nbytes) / 1e6
-    res = {}
-    for flag in (False, True):
-        _k.DECODE_UNPADDED_ROWS = flag
-        f = lambda q, kc, vc, l: decode_attention(q, kc, vc, l)  # noqa: E731 (a new trace per flag)
-        out = jax.jit(f)(q, kc, vc, lengths)
-        full = jnp.full((b,), s, jnp.int32)
-        res[flag] = (jax.lax.bitcast_convert_type(out, jnp.uint16), device_ms(f, q, kc, vc, full, iters=10))
-    _k.DECODE_UNPADDED_ROWS = True
-    same = bool(jnp.all(res[False][0] == res[True][0]))
-    print(f"  {jnp.dtype(dt).name} B{b} cache{s} K{kh} H{h}: padded {res[False][1]*1e3:.1f} us ({100*mb/res[False][1]/copy:.1f}%) "
-          f"unpadded {res[True][1]*1e3:.1f} us ({100*mb/res[True][1]/copy:.1f}%) "
-          f"{res[False][1]/res[True][1]:.3f}x, ragged-length bits same={same}", flush=True)
+def default(q, kc, vc, lengths):
+    return decode_attention(q, kc, vc, lengths)
 
-if "--value-splits" not in sys.argv:
-    sys.exit(0)
-print("== value splits vs DECODE_TARGET_PROGRAMS", flush=True)
-default_target = _k.DECODE_TARGET_PROGRAMS
-for b, s, kh, h in [(8, 8192, 4, 128), (8, 32768, 4, 128), (1, 32768, 4, 128), (1, 8192, 1, 128),
-                    (8, 8192, 4, 256)]:
-    kq, kk, kv = jax.random.split(jax.random.fold_in(key, b * s + kh + h), 3)
-    q = jax.random.normal(kq, (b, 1, 8, h), jnp.bfloat16)
-    kc = jax.random.normal(kk, (b, s, kh, h), jnp.bfloat16)
-    vc = jax.random.normal(kv, (b, s, kh, h), jnp.bfloat16)
-    lengths = jnp.full((b,), s, jnp.int32)
-    mb = (kc.nbytes + vc.nbytes) / 1e6
-    ref = None
-    line = f"  B{b} cache{s} K{kh} H{h}:"
-    for target in (default_target, 2 * default_target, 4 * default_target):
-        _k.DECODE_TARGET_PROGRAMS = target
-        f = lambda q, kc, vc, l: decode_attention(q, kc, vc, l)  # noqa: E731 (a new trace per target)
-        out = jax.jit(f)(q, kc, vc, lengths)
-        ref = out if ref is None else ref
-        same = bool(jnp.all(jax.lax.bitcast_convert_type(out, jnp.uint16)
-                            == jax.lax.bitcast_convert_type(ref, jnp.uint16)))
-        t = device_ms(f, q, kc, vc, lengths, iters=10)
-        line += f" target {target}: {t*1e3:.1f} us {100*mb/t/copy:.1f}% same={same} |"
-    _k.DECODE_TARGET_PROGRAMS = default_target
-    print(line, flush=True)
+
+def with_setting(name, value, fn):
+    """``fn()`` with ``pallas_kernels.attention.<name> = value`` (traced afresh), then restored."""
+    old = getattr(_k, name)
+    setattr(_k, name, value)
+    try:
+        return fn()
+    finally:
+        setattr(_k, name, old)
+
+
+def bits(x):
+    return np.asarray(x).view(np.uint16 if x.dtype.itemsize == 2 else np.uint32)
+
+
+def main(argv):
+    if jax.default_backend() != "gpu":
+        sys.exit(f"decode_breakdown.py needs a GPU (CUPTI per-kernel times); the default backend is "
+                 f"{jax.default_backend()!r}")
+    args = [a for a in argv if not a.startswith("--")]
+    copy = float(args[0]) if args else 3028.0
+    pct = lambda mb, ms: 100 * mb / ms / copy  # noqa: E731
+
+    for shape in ([] if "--ab-only" in argv else
+                  [(8, 8192, 4, 128), (1, 8192, 1, 128), (8, 8192, 4, 256), (8, 768, 4, 256)]):
+        *ops, mb = case(*shape)
+        print(f"== decode B{shape[0]} cache{shape[1]} K{shape[2]} H{shape[3]} ({mb:.0f} MB of K/V)", flush=True)
+        for name, f in [("xla", xla), ("default", default), ("mosaic", mosaic_decode_attention)]:
+            ks = breakdown(f, *ops)
+            tot = sum(t for _, t in ks)
+            attn = sum(t for n, t in ks if "attention" in n or "decode" in n)
+            print(f"  {name:8s} total {tot*1e3:7.1f} us ({pct(mb, tot):5.1f}% copy); attention kernels "
+                  f"{attn*1e3:7.1f} us ({pct(mb, attn) if attn else 0:5.1f}%)")
+            for n, t in ks:
+                print(f"      {t*1e3:7.1f} us  {n[:90]}")
+
+    print("== unpadded decode rows (DECODE_UNPADDED_ROWS) off / on: time (full caches), bits (ragged)",
+          flush=True)
+    for b, s, kh, h, dt in [(8, 8192, 4, 128, jnp.bfloat16), (8, 32768, 4, 128, jnp.bfloat16),
+                            (1, 8192, 1, 128, jnp.bfloat16), (8, 768, 4, 256, jnp.bfloat16),
+                            (8, 768, 4, 256, jnp.float16), (64, 8192, 4, 128, jnp.bfloat16)]:
+        q, kc, vc, full, mb = case(b, s, kh, h, dt)
+        ragged = case(b, s, kh, h, dt, ragged=True)[3]
+        res = {flag: with_setting("DECODE_UNPADDED_ROWS", flag, lambda: (
+                   bits(jax.jit(lambda *a: default(*a))(q, kc, vc, ragged)),
+                   device_ms(lambda *a: default(*a), q, kc, vc, full, iters=10)))
+               for flag in (False, True)}
+        (b_off, t_off), (b_on, t_on) = res[False], res[True]
+        print(f"  {jnp.dtype(dt).name} B{b} cache{s} K{kh} H{h}: padded {t_off*1e3:.1f} us "
+              f"({pct(mb, t_off):.1f}%) unpadded {t_on*1e3:.1f} us ({pct(mb, t_on):.1f}%) "
+              f"{t_off / t_on:.3f}x, ragged-length bits same={bool(np.array_equal(b_off, b_on))}", flush=True)
+
+    if "--value-splits" not in argv:
+        return
+    print("== value splits (bit-neutral) at 1x / 2x / 4x DECODE_TARGET_PROGRAMS: time, bits vs 1x", flush=True)
+    base = _k.DECODE_TARGET_PROGRAMS
+    for shape in [(8, 8192, 4, 128), (8, 32768, 4, 128), (1, 32768, 4, 128), (1, 8192, 1, 128),
+                  (8, 8192, 4, 256)]:
+        *ops, mb = case(*shape)
+        line, ref = f"  B{shape[0]} cache{shape[1]} K{shape[2]} H{shape[3]}:", None
+        for target in (base, 2 * base, 4 * base):
+            out, t = with_setting("DECODE_TARGET_PROGRAMS", target, lambda: (
+                bits(jax.jit(lambda *a: default(*a))(*ops)), device_ms(lambda *a: default(*a), *ops, iters=10)))
+            ref = out if ref is None else ref
+            line += f" {target}: {t*1e3:.1f} us {pct(mb, t):.1f}% same={bool(np.array_equal(out, ref))} |"
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
