@@ -593,9 +593,10 @@ def _state_rows_mask(rows):
 
 def _load_decode_rows(lo_ref, hi_ref, kvl_ref, q_ref, rows, gpu, overhang):
     """A decode program's row ints and q tile. ``overhang``: the packed arrays hold only the real
-    rows (``DECODE_UNPADDED_ROWS``; the last block overhangs them): the rows past ``rows`` read as the padding ``prepare`` writes in the padded layout: q 0, the empty interval
-    ``[0, 0)``, length 0 (which never raises the block's ``max`` of the lengths). So both layouts
-    feed the kernel the same values."""
+    rows (``DECODE_UNPADDED_ROWS``; the last block overhangs them), and the rows past ``rows`` read
+    as the padding ``prepare`` writes in the padded layout: q 0, the empty interval ``[0, 0)``,
+    length 0 (which never raises the block's ``max`` of the lengths). So both layouts feed the
+    kernel the same values."""
     if not overhang:
         return lo_ref[...], hi_ref[...], jnp.max(kvl_ref[...]), q_ref[...]
     mask = _state_rows_mask(rows)
