@@ -85,7 +85,8 @@ def main(argv):
     for shape in ([] if "--ab-only" in argv else
                   [(8, 8192, 4, 128), (1, 8192, 1, 128), (8, 8192, 4, 256), (8, 768, 4, 256)]):
         *ops, mb = case(*shape)
-        print(f"== decode B{shape[0]} cache{shape[1]} K{shape[2]} H{shape[3]} ({mb:.0f} MB of K/V)", flush=True)
+        print(f"== decode B{shape[0]} cache{shape[1]} K{shape[2]} H{shape[3]} ({mb:.0f} MB of K/V)",
+              flush=True)
         for name, f in [("xla", xla), ("default", default), ("mosaic", mosaic_decode_attention)]:
             ks = breakdown(f, *ops)
             tot = sum(t for _, t in ks)
@@ -113,7 +114,8 @@ def main(argv):
 
     if "--value-splits" not in argv:
         return
-    print("== value splits (bit-neutral) at 1x / 2x / 4x DECODE_TARGET_PROGRAMS: time, bits vs 1x", flush=True)
+    print("== value splits (bit-neutral) at 1x / 2x / 4x DECODE_TARGET_PROGRAMS: time, bits vs 1x",
+          flush=True)
     base = _k.DECODE_TARGET_PROGRAMS
     for shape in [(8, 8192, 4, 128), (8, 32768, 4, 128), (1, 32768, 4, 128), (1, 8192, 1, 128),
                   (8, 8192, 4, 256)]:
@@ -121,7 +123,8 @@ def main(argv):
         line, ref = f"  B{shape[0]} cache{shape[1]} K{shape[2]} H{shape[3]}:", None
         for target in (base, 2 * base, 4 * base):
             out, t = with_setting("DECODE_TARGET_PROGRAMS", target, lambda: (
-                bits(jax.jit(lambda *a: default(*a))(*ops)), device_ms(lambda *a: default(*a), *ops, iters=10)))
+                bits(jax.jit(lambda *a: default(*a))(*ops)),
+                device_ms(lambda *a: default(*a), *ops, iters=10)))
             ref = out if ref is None else ref
             line += f" {target}: {t*1e3:.1f} us {pct(mb, t):.1f}% same={bool(np.array_equal(out, ref))} |"
         print(line, flush=True)
