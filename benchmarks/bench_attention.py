@@ -12,6 +12,24 @@ import jax.numpy as jnp
 from detjax.ops._attention import attention, decode_attention
 
 
+def decode_case(key, b, s, kh, h, dtype=jnp.bfloat16, ragged=False):
+    """One new token x 8 query heads against a ``[b, s, kh, h]`` KV cache: ``(q, k_cache, v_cache,
+    lengths)``, full caches or ragged lengths in ``[1, s]`` (also used by decode_breakdown.py)."""
+    kq, kk, kv = jax.random.split(jax.random.fold_in(key, b * s + kh), 3)
+    q = jax.random.normal(kq, (b, 1, 8, h), dtype)
+    kc = jax.random.normal(kk, (b, s, kh, h), dtype)
+    vc = jax.random.normal(kv, (b, s, kh, h), dtype)
+    lengths = ((jnp.arange(b, dtype=jnp.int32) * 997) % s + 1 if ragged
+               else jnp.full((b,), s, jnp.int32))
+    return q, kc, vc, lengths
+
+
+def xla_decode(q, kc, vc, lengths):
+    """XLA's decode baseline: ``jax.nn.dot_product_attention`` ('xla') with a length mask."""
+    mask = (jnp.arange(kc.shape[1])[None, :] < lengths[:, None])[:, None, None, :]
+    return jax.nn.dot_product_attention(q, kc, vc, mask=mask, implementation="xla")
+
+
 def _emit(rows, row):
     """Keep a row and print it at once (a run cut short by a time limit still reports it)."""
     rows.append(row)
@@ -59,17 +77,7 @@ def run(rows, iters, quick, copy_gbs, device_ms):
     if quick:
         decode = decode[:2]
     for b, s, kh, h in decode:
-        n = 8
-        kq, kk, kv = jax.random.split(jax.random.fold_in(key, b * s + kh), 3)
-        q = jax.random.normal(kq, (b, 1, n, h), jnp.bfloat16)
-        kc = jax.random.normal(kk, (b, s, kh, h), jnp.bfloat16)
-        vc = jax.random.normal(kv, (b, s, kh, h), jnp.bfloat16)
-        lengths = jnp.full((b,), s, jnp.int32)
-
-        def xla_decode(q, kc, vc, lengths):
-            mask = (jnp.arange(s)[None, :] < lengths[:, None])[:, None, None, :]
-            return jax.nn.dot_product_attention(q, kc, vc, mask=mask, implementation="xla")
-
+        q, kc, vc, lengths = decode_case(key, b, s, kh, h)
         t_x = device_ms(xla_decode, q, kc, vc, lengths, iters=iters)
         t_d = device_ms(lambda q, kc, vc, l: decode_attention(q, kc, vc, l), q, kc, vc, lengths,
                         iters=iters)

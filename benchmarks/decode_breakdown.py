@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.bench_attention import decode_case, xla_decode
 from benchmarks.bench_kernels import device_ms
 from detjax.experimental import mosaic_decode_attention
 from detjax.ops._attention import decode_attention
@@ -40,20 +41,9 @@ def breakdown(f, *args, iters=10):
 
 
 def case(b, s, kh, h, dtype=jnp.bfloat16, ragged=False):
-    """One new token x 8 query heads against a ``[b, s, kh, h]`` cache: ``(q, k, v, lengths, MB)``;
-    full caches, or ragged lengths in ``[1, s]``."""
-    kq, kk, kv = jax.random.split(jax.random.fold_in(jax.random.key(4), b * s + kh + h), 3)
-    q = jax.random.normal(kq, (b, 1, 8, h), dtype)
-    kc = jax.random.normal(kk, (b, s, kh, h), dtype)
-    vc = jax.random.normal(kv, (b, s, kh, h), dtype)
-    lengths = ((jnp.arange(b, dtype=jnp.int32) * 997) % s + 1 if ragged
-               else jnp.full((b,), s, jnp.int32))
+    """``bench_attention.decode_case`` (fixed key) and its K/V megabytes."""
+    q, kc, vc, lengths = decode_case(jax.random.key(4), b, s, kh, h, dtype, ragged)
     return q, kc, vc, lengths, (kc.nbytes + vc.nbytes) / 1e6
-
-
-def xla(q, kc, vc, lengths):
-    m = (jnp.arange(kc.shape[1])[None, :] < lengths[:, None])[:, None, None, :]
-    return jax.nn.dot_product_attention(q, kc, vc, mask=m, implementation="xla")
 
 
 def default(q, kc, vc, lengths):
@@ -87,7 +77,7 @@ def main(argv):
         *ops, mb = case(*shape)
         print(f"== decode B{shape[0]} cache{shape[1]} K{shape[2]} H{shape[3]} ({mb:.0f} MB of K/V)",
               flush=True)
-        for name, f in [("xla", xla), ("default", default), ("mosaic", mosaic_decode_attention)]:
+        for name, f in [("xla", xla_decode), ("default", default), ("mosaic", mosaic_decode_attention)]:
             ks = breakdown(f, *ops)
             tot = sum(t for _, t in ks)
             attn = sum(t for n, t in ks if "attention" in n or "decode" in n)
@@ -103,6 +93,7 @@ def main(argv):
                             (8, 768, 4, 256, jnp.float16), (64, 8192, 4, 128, jnp.bfloat16)]:
         q, kc, vc, full, mb = case(b, s, kh, h, dt)
         ragged = case(b, s, kh, h, dt, ragged=True)[3]
+        # ``lambda *a: default(*a)``: a new function per setting, so jit traces it under that setting
         res = {flag: with_setting("DECODE_UNPADDED_ROWS", flag, lambda: (
                    bits(jax.jit(lambda *a: default(*a))(q, kc, vc, ragged)),
                    device_ms(lambda *a: default(*a), q, kc, vc, full, iters=10)))
