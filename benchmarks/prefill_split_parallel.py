@@ -1,0 +1,117 @@
+"""Prefill through the split-parallel (decode) kernels: an A/B against the one-kernel prefill.
+
+The default prefill kernel (``attention_fwd_call``) walks a q block's splits in one program and
+keeps two float32 states in registers: the split's ``[64, Hp]`` accumulator and the running
+total's. At head dim 256 that is 256 registers per thread for the two accumulators alone (4 warps),
+so the kernel spills. ``decode_call`` computes the same split states in one program per
+(q block, split), writes them to HBM and merges them in ascending order in a second kernel with the
+same ``_merge_states`` / ``_finalize`` code: the decode = prefill guarantee (tested on CPU and the
+GPU since session 2) says its output is bitwise the prefill kernel's for the same rows. So prefill
+may run through it without changing a bit, trading register pressure for the state traffic
+(``ns * Rp * Hp * 4`` bytes written and read back per (batch, KV head)).
+
+This script measures that trade (causal bf16 prefill, N = 8): the one-kernel prefill with its
+configuration and with 8 warps, the split-parallel path, and cuDNN, in the same process (CUPTI
+device time: a compile call, a warm-up call, median of ``--iters``), and checks that the
+split-parallel output is bitwise the prefill kernel's (also with a window, soft cap, ragged lengths
+and f16). GPU for the timings; on CPU it runs the bit checks at small shapes in interpret mode.
+
+Run from the repo root: python benchmarks/prefill_split_parallel.py [--iters N] [--quick]
+"""
+import sys
+
+sys.path.insert(0, ".")
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.bench_kernels import device_ms
+from pallas_kernels import attention as _k
+
+SHAPES = [  # (B, T, H, K); N = 8, causal, T = S
+    (1, 2048, 128, 4), (8, 2048, 128, 4), (1, 8192, 128, 4), (8, 8192, 128, 4),
+    (1, 2048, 256, 4), (8, 2048, 256, 4), (1, 8192, 256, 4), (8, 8192, 256, 4),
+]
+
+
+def operands(key, b, t, h, kh, dtype=jnp.bfloat16, n=8, lengths=None, window=None, cap=None):
+    kq, kk, kv = jax.random.split(key, 3)
+    q = jax.random.normal(kq, (b, t, n, h), dtype)
+    k = jax.random.normal(kk, (b, t, kh, h), dtype)
+    v = jax.random.normal(kv, (b, t, kh, h), dtype)
+    lens = jnp.full((b,), t, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
+    pos = _k.default_q_positions(b, t, t)
+    cfg = _k.AttnConfig(scale=h ** -0.5, soft_cap=cap, backend="auto")
+    prep = _k.prepare(q, k, v, pos, lens, causal=True, sliding_window=window)
+    return (q, k, v), prep, cfg
+
+
+def one_kernel(cfg, config=None):
+    return lambda *p: _k.attention_fwd_call(*p, cfg, config=config)[0]
+
+
+def split_parallel(cfg):
+    return lambda *p: _k.decode_call(*p, cfg)
+
+
+def bits(x):
+    x = np.asarray(x)
+    return x.view(np.uint16 if x.dtype.itemsize == 2 else np.uint32)
+
+
+def same_bits(cfg, prep):
+    a = jax.jit(one_kernel(cfg))(*prep)
+    b = jax.jit(split_parallel(cfg))(*prep)
+    return bool(np.array_equal(bits(a), bits(b)))
+
+
+def bit_checks(small):
+    """(name, same) for masked / ragged / f16 cases."""
+    t = 1100 if small else 3000   # two and three splits, the last one partial
+    out = []
+    for dtype, h in ((jnp.bfloat16, 128), (jnp.float16, 256), (jnp.bfloat16, 256)):
+        for name, kw in (("causal", {}),
+                         ("window 700 cap 30 ragged", dict(window=700, cap=30.0,
+                                                           lengths=[t, t - 333]))):
+            _, prep, cfg = operands(jax.random.key(7), 2, t, h, 2, dtype, n=4, **kw)
+            out.append((f"{jnp.dtype(dtype).name} H{h} T{t} {name}", same_bits(cfg, prep)))
+        if small:
+            break
+    return out
+
+
+def main(argv):
+    iters = int(argv[argv.index("--iters") + 1]) if "--iters" in argv else 10
+    gpu = jax.default_backend() == "gpu"
+    print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}")
+    print("== bits: split-parallel = one-kernel prefill ==")
+    checks = bit_checks(small=not gpu)
+    for name, same in checks:
+        print(f"  {name:44s} {'same' if same else 'DIFFER'}")
+    if not gpu:
+        print("no GPU: timings skipped")
+        return 0 if all(s for _, s in checks) else 1
+    shapes = SHAPES[:4] if "--quick" in argv else SHAPES
+    print("== causal bf16 prefill, N = 8 (ms; ratio = cuDNN / this) ==")
+    print(f"{'shape':22s} {'cuDNN':>8s} {'1-kernel':>16s} {'1-kernel 8w':>16s} {'split-par':>16s} bits")
+    ok = all(s for _, s in checks)
+    for b, t, h, kh in shapes:
+        (q, k, v), prep, cfg = operands(jax.random.key(1), b, t, h, kh)
+        t_cudnn = device_ms(lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, implementation="cudnn"), q, k, v, iters=iters)
+        row = [t_cudnn]
+        for f in (one_kernel(cfg), one_kernel(cfg, config=(8, 1)), split_parallel(cfg)):
+            try:
+                row.append(device_ms(f, *prep, iters=iters))
+            except Exception as e:  # a configuration may not compile: report, go on
+                print(f"  ({type(e).__name__}: {str(e)[:120]})")
+                row.append(float("nan"))
+        same = same_bits(cfg, prep)
+        ok &= same
+        cells = "".join(f" {x:8.4f} ({t_cudnn / x:4.2f}x)" for x in row[1:])
+        print(f"B{b} T{t} H{h} K{kh}".ljust(22) + f" {t_cudnn:8.4f}" + cells + f" {'same' if same else 'DIFFER'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
