@@ -12,8 +12,9 @@ may run through it without changing a bit, trading register pressure for the sta
 
 This script measures that trade (causal bf16 prefill, N = 8): the one-kernel prefill with its
 configuration and with 8 warps, the split-parallel path, and cuDNN, in the same process (CUPTI
-device time: a compile call, a warm-up call, median of ``--iters``), and checks that the
-split-parallel output is bitwise the prefill kernel's (also with a window, soft cap, ragged lengths
+device time: a compile call, a warm-up call, median of ``--iters``; both prefill paths return
+the output and the ``lse`` the backward pass needs), and checks that the split-parallel output and
+``lse`` are bitwise the prefill kernel's (also with a window, soft cap, ragged lengths
 and f16). GPU for the timings; on CPU it runs the bit checks at small shapes in interpret mode.
 
 Run from the repo root: python benchmarks/prefill_split_parallel.py [--iters N] [--quick]
@@ -47,11 +48,13 @@ def operands(key, b, t, h, kh, dtype=jnp.bfloat16, n=8, lengths=None, window=Non
 
 
 def one_kernel(cfg, config=None):
-    return lambda *p: _k.attention_fwd_call(*p, cfg, config=config)[0]
+    """``(o, lse)`` of the one-kernel prefill."""
+    return lambda *p: _k.attention_fwd_call(*p, cfg, config=config)
 
 
 def split_parallel(cfg):
-    return lambda *p: _k.decode_call(*p, cfg)
+    """``(o, lse)`` of the split-parallel kernels (what ``prefill_call`` runs when switched on)."""
+    return lambda *p: _k.decode_call(*p, cfg, with_lse=True)
 
 
 def bits(x):
@@ -60,9 +63,10 @@ def bits(x):
 
 
 def same_bits(cfg, prep):
+    """Output and lse bitwise equal."""
     a = jax.jit(one_kernel(cfg))(*prep)
     b = jax.jit(split_parallel(cfg))(*prep)
-    return bool(np.array_equal(bits(a), bits(b)))
+    return all(np.array_equal(bits(x), bits(y)) for x, y in zip(a, b))
 
 
 def bit_checks(small):
@@ -84,7 +88,7 @@ def main(argv):
     iters = int(argv[argv.index("--iters") + 1]) if "--iters" in argv else 10
     gpu = jax.default_backend() == "gpu"
     print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}")
-    print("== bits: split-parallel = one-kernel prefill ==")
+    print("== bits: split-parallel = one-kernel prefill (output and lse) ==")
     checks = bit_checks(small=not gpu)
     for name, same in checks:
         print(f"  {name:44s} {'same' if same else 'DIFFER'}")

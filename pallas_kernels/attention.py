@@ -614,6 +614,16 @@ def _store_decode_out(o_ref, out, mask, gpu, overhang):
     masked_store(o_ref, out.astype(o_ref.dtype), mask[:, None] if overhang else None, gpu)
 
 
+def _store_lse(lse_ref, lse, mask, gpu, overhang):
+    """The row log-sum-exps (``decode_call(..., with_lse=True)``; ``lse_ref`` is ``()`` without),
+    ``-inf`` for rows past ``rows`` as the empty state gives; dropped past an overhang."""
+    if not lse_ref:
+        return
+    if mask is not None:
+        lse = jnp.where(mask, lse, -jnp.inf)
+    masked_store(lse_ref[0], lse, mask if overhang else None, gpu)
+
+
 def _decode_split_kernel(lo_ref, hi_ref, kvl_ref, q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, *, cfg,
                          rows, gpu, overhang=False):
     c = pl.program_id(3)
@@ -629,8 +639,8 @@ def _decode_split_kernel(lo_ref, hi_ref, kvl_ref, q_ref, k_ref, v_ref, m_ref, l_
     masked_store(acc_ref, acc, wide, gpu)
 
 
-def _decode_single_kernel(lo_ref, hi_ref, kvl_ref, q_ref, k_ref, v_ref, o_ref, *, cfg, rows, gpu,
-                          overhang=False):
+def _decode_single_kernel(lo_ref, hi_ref, kvl_ref, q_ref, k_ref, v_ref, o_ref, *lse_ref, cfg, rows,
+                          gpu, overhang=False):
     """Decode whose cache fits one split (``S <= ATTN_SPLIT_K``): the split state, merged into the
     empty total and finalized in the same program, as the prefill kernel does (its fold over splits
     runs ``_merge_states(empty, part)`` then ``_finalize`` for one split). The merge kernel would
@@ -642,11 +652,12 @@ def _decode_single_kernel(lo_ref, hi_ref, kvl_ref, q_ref, k_ref, v_ref, o_ref, *
     b0 = jnp.maximum(blk_start, 0)
     b1 = jnp.minimum(blk_end, BLOCKS_PER_SPLIT)
     part = _split_state(q, k_ref, v_ref, lo, hi, kv_len, b0, b1, cfg)
-    out, _ = _finalize(_merge_states(_empty_state((q.shape[0],), part[2].shape[-1]), part))
+    out, lse = _finalize(_merge_states(_empty_state((q.shape[0],), part[2].shape[-1]), part))
     _store_decode_out(o_ref, out, _state_rows_mask(rows), gpu, overhang)
+    _store_lse(lse_ref, lse, _state_rows_mask(rows), gpu, overhang)
 
 
-def _decode_merge_kernel(m_ref, l_ref, acc_ref, o_ref, *, num_splits, rows, gpu, overhang=False):
+def _decode_merge_kernel(m_ref, l_ref, acc_ref, o_ref, *lse_ref, num_splits, rows, gpu, overhang=False):
     hp = acc_ref.shape[-1]
     mask = _state_rows_mask(rows)
     wide = None if mask is None else mask[:, None]
@@ -658,9 +669,10 @@ def _decode_merge_kernel(m_ref, l_ref, acc_ref, o_ref, *, num_splits, rows, gpu,
         return _merge_states(total, part)
 
     total = lax.fori_loop(0, num_splits, body, _empty_state((BLOCK_Q,), hp))
-    out, _ = _finalize(total)
+    out, lse = _finalize(total)
     # padding rows finalize the empty state to 0; only an overhanging block needs the mask
     _store_decode_out(o_ref, out, mask if overhang else None, gpu, overhang)
+    _store_lse(lse_ref, lse, mask, gpu, overhang)
 
 
 #: On: decode packs only the real rows (``prepare(..., row_block=1)``) and its kernels read/write
@@ -709,7 +721,8 @@ def decode_value_splits(hp: int, programs: int, dtype, backend: str = "gpu") -> 
     return e
 
 
-def decode_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig, rows: int | None = None):
+def decode_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig, rows: int | None = None,
+                with_lse: bool = False):
     """Split-parallel (flash-decoding) forward on prepared operands; bitwise equal to
     ``attention_fwd_call``'s output. Returns ``o [B, K, Rp, Hp]``.
 
@@ -722,7 +735,12 @@ def decode_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig, rows: int | None = Non
     (``m``, ``l``, ``acc`` in float32, written by the split kernel and read by the merge kernel)
     are stored for these rows only: a decode step has ``G`` real rows of the 64 in its q block, and
     storing all 64 made the state traffic a quarter of the cache's own at 8k keys. Bit-neutral:
-    the real rows' values are the same, and the padding rows read the empty state (output 0)."""
+    the real rows' values are the same, and the padding rows read the empty state (output 0).
+
+    ``with_lse``: also return the rows' log-sum-exps ``[B, K, Rp]`` (float32; ``-inf`` for empty
+    rows), bitwise ``attention_fwd_call``'s (the same ``_finalize`` on the same state), so that
+    ``prefill_call`` can run prefill through these kernels with the backward pass. Value columns
+    are then not split (``E = 1``: every program would write the same ``lse``)."""
     be = _backend.resolve(cfg.backend)
     _check_backend(be)
     gpu = be == "gpu"
@@ -738,20 +756,25 @@ def decode_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig, rows: int | None = Non
                          f"(rows={rows})")
     mrows = None if r == nq * BLOCK_Q else r
     ns = -(-sp // ATTN_SPLIT_K)
-    ne = decode_value_splits(hp, b * kh * nq * ns, qp.dtype, be)
+    ne = 1 if with_lse else decode_value_splits(hp, b * kh * nq * ns, qp.dtype, be)
     hv = hp // ne
+    o_shape = jax.ShapeDtypeStruct(qp.shape, qp.dtype)
+    lse_shape = [jax.ShapeDtypeStruct((b, kh, rp), jnp.float32)] if with_lse else []
+    lse_spec = [pl.BlockSpec((None, None, BLOCK_Q), lambda b, h, i, *_: (b, h, i))] if with_lse else []
     if ns == 1 and DECODE_FUSE_SINGLE_SPLIT:
-        return pl.pallas_call(
+        res = pl.pallas_call(
             functools.partial(_decode_single_kernel, cfg=cfg, rows=mrows, gpu=gpu, overhang=overhang),
             grid=(b, kh, nq, ne),
             in_specs=[_row_spec(), _row_spec(), _row_spec(), _qrow_spec(hp), _kv_full_spec(sp, hp),
                       pl.BlockSpec((None, sp, None, hv), lambda b, h, i, e: (b, 0, h, e))],
-            out_specs=pl.BlockSpec((None, None, BLOCK_Q, hv), lambda b, h, i, e: (b, h, i, e)),
-            out_shape=jax.ShapeDtypeStruct(qp.shape, qp.dtype),
+            out_specs=[pl.BlockSpec((None, None, BLOCK_Q, hv), lambda b, h, i, e: (b, h, i, e))]
+            + lse_spec,
+            out_shape=[o_shape] + lse_shape,
             interpret=_backend.interpret_arg(be),
             compiler_params=_compiler_params(be, hv, "decode", qp.dtype),
             name="detjax_decode_attention_single",
         )(lo, hi, kvl, qp, kp, vp)
+        return tuple(res) if with_lse else res[0]
     # m and l are the same in every column part; each part writes its own copy (no shared writes)
     state_spec = pl.BlockSpec((None, None, None, None, BLOCK_Q), lambda b, h, i, c, e: (b, h, c, e, i))
     acc_spec = pl.BlockSpec((None, None, None, BLOCK_Q, hv), lambda b, h, i, c, e: (b, h, c, i, e))
@@ -768,18 +791,46 @@ def decode_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig, rows: int | None = Non
         compiler_params=_compiler_params(be, hv, "decode", qp.dtype),
         name="detjax_decode_attention_split",
     )(lo, hi, kvl, qp, kp, vp)
-    return pl.pallas_call(
+    res = pl.pallas_call(
         functools.partial(_decode_merge_kernel, num_splits=ns, rows=mrows, gpu=gpu, overhang=overhang),
         grid=(b, kh, nq),
         in_specs=[pl.BlockSpec((None, None, ns, None, BLOCK_Q), lambda b, h, i: (b, h, 0, 0, i)),
                   pl.BlockSpec((None, None, ns, None, BLOCK_Q), lambda b, h, i: (b, h, 0, 0, i)),
                   pl.BlockSpec((None, None, ns, BLOCK_Q, hp), lambda b, h, i: (b, h, 0, i, 0))],
-        out_specs=_qrow_spec(hp),
-        out_shape=jax.ShapeDtypeStruct(qp.shape, qp.dtype),
+        out_specs=[_qrow_spec(hp)] + lse_spec,
+        out_shape=[o_shape] + lse_shape,
         interpret=_backend.interpret_arg(be),
         compiler_params=_compiler_params(be, hp, "decode", qp.dtype),
         name="detjax_decode_attention_merge",
     )(m, l, acc)
+    return tuple(res) if with_lse else res[0]
+
+
+#: Prefill through the split-parallel kernels (``decode_call(..., with_lse=True)``: one program per
+#: (q block, split), states to HBM, merged in a second kernel) instead of the one-kernel prefill,
+#: whose two float32 ``[64, Hp]`` states per program (split and total) do not fit the registers at
+#: large head dims. Bitwise the same output and ``lse`` (the decode = prefill guarantee; tested on
+#: CPU by ``test_prefill_split_parallel_gives_the_one_kernel_bits``). A set of padded head dims for
+#: which the GPU prefill takes that path (empty: never; it also needs at least two splits), **empty
+#: until a GPU run shows its bits and a gain** (``benchmarks/prefill_split_parallel.py``).
+PREFILL_SPLIT_PARALLEL_HEAD_DIMS: frozenset = frozenset()
+
+
+def prefill_uses_split_parallel(hp: int, num_splits: int, backend: str) -> bool:
+    """Whether ``prefill_call`` runs the split-parallel kernels (see
+    ``PREFILL_SPLIT_PARALLEL_HEAD_DIMS``); a tuning choice, never a bit change."""
+    return backend == "gpu" and num_splits >= 2 and hp in PREFILL_SPLIT_PARALLEL_HEAD_DIMS
+
+
+def prefill_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig):
+    """Prefill on prepared operands: ``(o [B, K, Rp, Hp], lse [B, K, Rp])`` from the one-kernel
+    prefill (``attention_fwd_call``) or, where ``prefill_uses_split_parallel`` says so, from the
+    split-parallel kernels (``decode_call(..., with_lse=True)``); the same bits either way."""
+    be = _backend.resolve(cfg.backend)
+    ns = -(-kp.shape[1] // ATTN_SPLIT_K)
+    if prefill_uses_split_parallel(qp.shape[-1], ns, be):
+        return decode_call(qp, kp, vp, lo, hi, kvl, cfg, with_lse=True)
+    return attention_fwd_call(qp, kp, vp, lo, hi, kvl, cfg)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -149,11 +149,11 @@ def _decode_positions(lengths, t):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _core(qp, kp, vp, lo, hi, kvl, cfg):
-    return _k.attention_fwd_call(qp, kp, vp, lo, hi, kvl, cfg)[0]
+    return _k.prefill_call(qp, kp, vp, lo, hi, kvl, cfg)[0]
 
 
 def _core_fwd(qp, kp, vp, lo, hi, kvl, cfg):
-    o, lse = _k.attention_fwd_call(qp, kp, vp, lo, hi, kvl, cfg)
+    o, lse = _k.prefill_call(qp, kp, vp, lo, hi, kvl, cfg)
     return o, (qp, kp, vp, lo, hi, kvl, o, lse)
 
 
