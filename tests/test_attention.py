@@ -620,6 +620,44 @@ def test_decode_unpadded_rows_give_the_padded_bits(dtype, monkeypatch):
         K.decode_call(*pre, cfg, rows=rows - 1)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_split_parallel_gives_the_one_kernel_bits(dtype, monkeypatch):
+    """Prefill through the split-parallel kernels (``decode_call(..., with_lse=True)``, what
+    ``prefill_call`` runs for ``PREFILL_SPLIT_PARALLEL_HEAD_DIMS``) gives the one-kernel prefill's
+    output and lse bitwise: a query chunk across the 1024-key split boundary (two splits, ragged
+    lengths, NaN keys / inf values past them), a later chunk over three splits with window and soft
+    cap; and through ``attention`` with the switch on and off, forward and gradients (the backward
+    reads the forward's lse)."""
+    cases = [dict(b=2, t=70, s=1100, n=4, kh=2, h=64, qoff=1030, ragged=True),
+             dict(b=1, t=20, s=2100, n=4, kh=2, h=128, qoff=2080, window=1500, cap=50.0)]
+    for i, kw in enumerate(cases):
+        (qp, kp, vp, lo, hi, kvl), cfg = _prepared(300 + i, dtype=dtype, **kw)
+        if kw.get("ragged"):
+            tail = jnp.arange(kp.shape[1])[None, :, None, None] >= kvl[:, :1, None, None]
+            kp, vp = jnp.where(tail, jnp.nan, kp), jnp.where(tail, jnp.inf, vp)
+        args = (qp, kp, vp, lo, hi, kvl)
+        o1, lse1 = K.attention_fwd_call(*args, cfg)
+        o2, lse2 = K.decode_call(*args, cfg, with_lse=True)
+        assert_bits_equal(o2, o1, f"case {i}: output")
+        assert_bits_equal(lse2, lse1, f"case {i}: lse")
+        assert np.all(np.isfinite(np.asarray(o2, np.float32))), f"case {i}: finite"
+    # the public path: prefill_call switched to the split-parallel kernels (also off the GPU)
+    q, k, v = qkv(310, 2, 1100, 1100, 4, 2, 32, dtype)
+    attn = lambda q, k, v: attention(q, k, v, logits_soft_cap=30.0)
+    loss = lambda q, k, v: jnp.sum(attn(q, k, v).astype(jnp.float32) * jnp.cos(
+        jnp.arange(32, dtype=jnp.float32)))
+    outs = []
+    for split_parallel in (True, False):
+        monkeypatch.setattr(K, "prefill_uses_split_parallel",
+                            lambda hp, ns, be, on=split_parallel: on and ns >= 2)
+        jax.clear_caches()   # ``attention``'s jit must trace the switched path
+        names = str(jax.make_jaxpr(attn)(q, k, v))
+        assert ("detjax_decode_attention_merge" in names) == split_parallel, split_parallel
+        outs.append((attn(q, k, v), *jax.grad(loss, argnums=(0, 1, 2))(q, k, v)))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), *outs):
+        assert_bits_equal(a, b, f"attention, switch on vs off: {name}")
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 def test_decode_single_split_kernel_gives_the_two_kernel_bits(dtype, monkeypatch):
     """A cache of at most one 1024-key split decodes in one kernel (``DECODE_FUSE_SINGLE_SPLIT``):
