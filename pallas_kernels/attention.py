@@ -624,8 +624,17 @@ def _store_lse(lse_ref, lse, mask, gpu, overhang):
     masked_store(lse_ref[0], lse, mask if overhang else None, gpu)
 
 
+def _split_range(lo, hi):
+    """``[first, last + 1)`` split touched by any row of a q block (the splits prefill merges)."""
+    blk_start, blk_end = _block_range(lo, hi)
+    return (lax.div(blk_start, BLOCKS_PER_SPLIT),
+            lax.div(blk_end + (BLOCKS_PER_SPLIT - 1), BLOCKS_PER_SPLIT))
+
+
 def _decode_split_kernel(lo_ref, hi_ref, kvl_ref, q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, *, cfg,
-                         rows, gpu, overhang=False):
+                         rows, gpu, overhang=False, ranged=False):
+    """One (q block, split) state. ``ranged``: a split outside the q block's ``_split_range`` (empty
+    for every row) stores nothing; the merge kernel then never reads it."""
     c = pl.program_id(3)
     lo, hi, kv_len, q = _load_decode_rows(lo_ref, hi_ref, kvl_ref, q_ref, rows, gpu, overhang)
     blk_start, blk_end = _block_range(lo, hi)
@@ -634,9 +643,17 @@ def _decode_split_kernel(lo_ref, hi_ref, kvl_ref, q_ref, k_ref, v_ref, m_ref, l_
     m, l, acc = _split_state(q, k_ref, v_ref, lo, hi, kv_len, b0, b1, cfg)
     mask = _state_rows_mask(rows)
     wide = None if mask is None else mask[:, None]
-    masked_store(m_ref, m, mask, gpu)
-    masked_store(l_ref, l, mask, gpu)
-    masked_store(acc_ref, acc, wide, gpu)
+
+    def store():
+        masked_store(m_ref, m, mask, gpu)
+        masked_store(l_ref, l, mask, gpu)
+        masked_store(acc_ref, acc, wide, gpu)
+
+    if not ranged:
+        store()
+        return
+    s0, s1 = _split_range(lo, hi)
+    pl.when((c >= s0) & (c < s1))(store)
 
 
 def _decode_single_kernel(lo_ref, hi_ref, kvl_ref, q_ref, k_ref, v_ref, o_ref, *lse_ref, cfg, rows,
@@ -657,7 +674,14 @@ def _decode_single_kernel(lo_ref, hi_ref, kvl_ref, q_ref, k_ref, v_ref, o_ref, *
     _store_lse(lse_ref, lse, _state_rows_mask(rows), gpu, overhang)
 
 
-def _decode_merge_kernel(m_ref, l_ref, acc_ref, o_ref, *lse_ref, num_splits, rows, gpu, overhang=False):
+def _decode_merge_kernel(*refs, num_splits, rows, gpu, overhang=False, ranged=False):
+    """Merge the split states in ascending order and finalize; refs ``[lo, hi,] m, l, acc, o[, lse]``.
+    ``ranged`` (prefill through these kernels): merge only the q block's ``_split_range``, as the
+    one-kernel prefill does; the splits outside it are empty for every row, and merging an empty
+    state is an exact no-op, so the bits are those of merging all ``num_splits``."""
+    if ranged:
+        lo_ref, hi_ref, *refs = refs
+    m_ref, l_ref, acc_ref, o_ref, *lse_ref = refs
     hp = acc_ref.shape[-1]
     mask = _state_rows_mask(rows)
     wide = None if mask is None else mask[:, None]
@@ -668,7 +692,8 @@ def _decode_merge_kernel(m_ref, l_ref, acc_ref, o_ref, *lse_ref, num_splits, row
                 masked_load(acc_ref.at[c], wide, gpu, 0.0))
         return _merge_states(total, part)
 
-    total = lax.fori_loop(0, num_splits, body, _empty_state((BLOCK_Q,), hp))
+    c0, c1 = _split_range(lo_ref[...], hi_ref[...]) if ranged else (0, num_splits)
+    total = lax.fori_loop(c0, c1, body, _empty_state((BLOCK_Q,), hp))
     out, lse = _finalize(total)
     # padding rows finalize the empty state to 0; only an overhanging block needs the mask
     _store_decode_out(o_ref, out, mask if overhang else None, gpu, overhang)
@@ -740,7 +765,10 @@ def decode_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig, rows: int | None = Non
     ``with_lse``: also return the rows' log-sum-exps ``[B, K, Rp]`` (float32; ``-inf`` for empty
     rows), bitwise ``attention_fwd_call``'s (the same ``_finalize`` on the same state), so that
     ``prefill_call`` can run prefill through these kernels with the backward pass. Value columns
-    are then not split (``E = 1``: every program would write the same ``lse``)."""
+    are then not split (``E = 1``: every program would write the same ``lse``), and each q block
+    stores and merges only the splits its rows touch (``ranged``: causal prefill leaves about half
+    of the (q block, split) pairs empty; merging an empty state is an exact no-op, which is why the
+    one-kernel prefill may skip them too)."""
     be = _backend.resolve(cfg.backend)
     _check_backend(be)
     gpu = be == "gpu"
@@ -756,6 +784,10 @@ def decode_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig, rows: int | None = Non
                          f"(rows={rows})")
     mrows = None if r == nq * BLOCK_Q else r
     ns = -(-sp // ATTN_SPLIT_K)
+    ranged = with_lse
+    if ranged and (overhang or mrows is not None):
+        raise ValueError("with_lse (prefill) takes rows padded to a multiple of "
+                         f"{BLOCK_Q}, all of them real (rows={rows}, packed rows {rp})")
     ne = 1 if with_lse else decode_value_splits(hp, b * kh * nq * ns, qp.dtype, be)
     hv = hp // ne
     o_shape = jax.ShapeDtypeStruct(qp.shape, qp.dtype)
@@ -779,7 +811,8 @@ def decode_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig, rows: int | None = Non
     state_spec = pl.BlockSpec((None, None, None, None, BLOCK_Q), lambda b, h, i, c, e: (b, h, c, e, i))
     acc_spec = pl.BlockSpec((None, None, None, BLOCK_Q, hv), lambda b, h, i, c, e: (b, h, c, i, e))
     m, l, acc = pl.pallas_call(
-        functools.partial(_decode_split_kernel, cfg=cfg, rows=mrows, gpu=gpu, overhang=overhang),
+        functools.partial(_decode_split_kernel, cfg=cfg, rows=mrows, gpu=gpu, overhang=overhang,
+                          ranged=ranged),
         grid=(b, kh, nq, ns, ne),
         in_specs=[_row_spec(), _row_spec(), _row_spec(), _qrow_spec(hp), _kv_full_spec(sp, hp),
                   pl.BlockSpec((None, sp, None, hv), lambda b, h, i, c, e: (b, 0, h, e))],
@@ -792,9 +825,11 @@ def decode_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig, rows: int | None = Non
         name="detjax_decode_attention_split",
     )(lo, hi, kvl, qp, kp, vp)
     res = pl.pallas_call(
-        functools.partial(_decode_merge_kernel, num_splits=ns, rows=mrows, gpu=gpu, overhang=overhang),
+        functools.partial(_decode_merge_kernel, num_splits=ns, rows=mrows, gpu=gpu, overhang=overhang,
+                          ranged=ranged),
         grid=(b, kh, nq),
-        in_specs=[pl.BlockSpec((None, None, ns, None, BLOCK_Q), lambda b, h, i: (b, h, 0, 0, i)),
+        in_specs=[_row_spec(), _row_spec()] * ranged + [
+                  pl.BlockSpec((None, None, ns, None, BLOCK_Q), lambda b, h, i: (b, h, 0, 0, i)),
                   pl.BlockSpec((None, None, ns, None, BLOCK_Q), lambda b, h, i: (b, h, 0, 0, i)),
                   pl.BlockSpec((None, None, ns, BLOCK_Q, hp), lambda b, h, i: (b, h, 0, i, 0))],
         out_specs=[_qrow_spec(hp)] + lse_spec,
@@ -802,7 +837,7 @@ def decode_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig, rows: int | None = Non
         interpret=_backend.interpret_arg(be),
         compiler_params=_compiler_params(be, hp, "decode", qp.dtype),
         name="detjax_decode_attention_merge",
-    )(m, l, acc)
+    )(*((lo, hi) if ranged else ()), m, l, acc)
     return tuple(res) if with_lse else res[0]
 
 

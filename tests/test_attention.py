@@ -625,11 +625,12 @@ def test_prefill_split_parallel_gives_the_one_kernel_bits(dtype, monkeypatch):
     """Prefill through the split-parallel kernels (``decode_call(..., with_lse=True)``, what
     ``prefill_call`` runs for ``PREFILL_SPLIT_PARALLEL_HEAD_DIMS``) gives the one-kernel prefill's
     output and lse bitwise: a query chunk across the 1024-key split boundary (two splits, ragged
-    lengths, NaN keys / inf values past them), a later chunk over three splits with window and soft
-    cap; and through ``attention`` with the switch on and off, forward and gradients (the backward
-    reads the forward's lse)."""
+    lengths, NaN keys / inf values past them), a later chunk whose window leaves split 0 out (the
+    kernels skip the splits outside a q block's range), with soft cap; and through ``attention``
+    (causal T = S = 1100: the first q blocks skip split 1) with the switch on and off, forward and
+    gradients (the backward reads the forward's lse)."""
     cases = [dict(b=2, t=70, s=1100, n=4, kh=2, h=64, qoff=1030, ragged=True),
-             dict(b=1, t=20, s=2100, n=4, kh=2, h=128, qoff=2080, window=1500, cap=50.0)]
+             dict(b=1, t=20, s=2100, n=4, kh=2, h=128, qoff=2080, window=900, cap=50.0)]
     for i, kw in enumerate(cases):
         (qp, kp, vp, lo, hi, kvl), cfg = _prepared(300 + i, dtype=dtype, **kw)
         if kw.get("ragged"):
