@@ -11,7 +11,9 @@ may run through it without changing a bit, trading register pressure for the sta
 (``ns * Rp * Hp * 4`` bytes written and read back per (batch, KV head)).
 
 This script measures that trade (causal bf16 prefill, N = 8): the one-kernel prefill with its
-configuration and with 8 warps, the split-parallel path, and cuDNN, in the same process (CUPTI
+configuration and with 8 warps, the split-parallel path (with the ``lse``, storing and merging
+only the splits a q block touches), the same kernels as decode runs them (no ``lse``, every split
+stored and merged), and cuDNN, in the same process (CUPTI
 device time: a compile call, a warm-up call, median of ``--iters``; both prefill paths return
 the output and the ``lse`` the backward pass needs), and checks that the split-parallel output and
 ``lse`` are bitwise the prefill kernel's (also with a window, soft cap, ragged lengths
@@ -97,14 +99,16 @@ def main(argv):
         return 0 if all(s for _, s in checks) else 1
     shapes = SHAPES[:4] if "--quick" in argv else SHAPES
     print("== causal bf16 prefill, N = 8 (ms; ratio = cuDNN / this) ==")
-    print(f"{'shape':22s} {'cuDNN':>8s} {'1-kernel':>16s} {'1-kernel 8w':>16s} {'split-par':>16s} bits")
+    print(f"{'shape':22s} {'cuDNN':>8s} {'1-kernel':>16s} {'1-kernel 8w':>16s} {'split-par':>16s} "
+          f"{'all splits':>16s} bits")
     ok = all(s for _, s in checks)
     for b, t, h, kh in shapes:
         (q, k, v), prep, cfg = operands(jax.random.key(1), b, t, h, kh)
         t_cudnn = device_ms(lambda q, k, v: jax.nn.dot_product_attention(
             q, k, v, is_causal=True, implementation="cudnn"), q, k, v, iters=iters)
         row = [t_cudnn]
-        for f in (one_kernel(cfg), one_kernel(cfg, config=(8, 1)), split_parallel(cfg)):
+        for f in (one_kernel(cfg), one_kernel(cfg, config=(8, 1)), split_parallel(cfg),
+                  lambda *p: _k.decode_call(*p, cfg)):
             try:
                 row.append(device_ms(f, *prep, iters=iters))
             except Exception as e:  # a configuration may not compile: report, go on
