@@ -9,9 +9,9 @@ D=results/2026-12-07-h100
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/s19_0_device.txt"
 timeout 130 python3 scripts/output_hashes.py --json "$OUT/s19_0_hashes.json" \
   --compare $D/s17_0_hashes_h100.json 2>&1 | grep -v "$F" | tee "$OUT/s19_0_hashes.txt"
-timeout 180 python3 benchmarks/prefill_split_parallel.py 2>&1 | grep -v "$F" | tee "$OUT/s19_0_prefill_sp.txt"
+timeout 240 python3 benchmarks/prefill_split_parallel.py 2>&1 | grep -v "$F" | tee "$OUT/s19_0_prefill_sp.txt"
 timeout 150 python3 benchmarks/decode_breakdown.py 2>&1 | grep -v "$F" | tee "$OUT/s19_0_breakdown.txt"
-timeout 120 python3 -m pytest -v -p no:cacheprovider -rfEs -n 8 $(cat $D/s17_unfinished_tests.txt) \
+timeout $((585 - SECONDS)) python3 -m pytest -v -p no:cacheprovider -rfEs -n 8 $(cat $D/s17_unfinished_tests.txt) \
   2>&1 | grep -v "$F" > "$OUT/s19_0_pytest.log"
 grep "shared rows equal" "$OUT/s19_0_hashes.txt"
 echo "== pytest =="; grep -a "FAILED\|ERROR" "$OUT/s19_0_pytest.log" | tail -8; tail -1 "$OUT/s19_0_pytest.log"
