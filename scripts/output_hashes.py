@@ -95,6 +95,15 @@ def cases():
     kv4 = jax.random.normal(ks2[8], (2, 300, 4, 256), jnp.bfloat16)
     yield "attention bf16 H256 window soft cap", ops.attention(
         q4, kv4, kv4, causal=True, sliding_window=100, logits_soft_cap=30.0)
+    # added in session 19: prefill across 1024-key splits (the path ``prefill_call`` may send
+    # through the split-parallel kernels; the same bits either way)
+    ks3 = jax.random.split(jax.random.key(1919), 4)
+    yield "attention bf16 H256 causal 2 splits", ops.attention(
+        jax.random.normal(ks3[0], (1, 1100, 8, 256), jnp.bfloat16),
+        *[jax.random.normal(ks3[1], (1, 1100, 4, 256), jnp.bfloat16)] * 2, logits_soft_cap=50.0)
+    yield "attention bf16 H128 K1 causal 3 splits", ops.attention(
+        jax.random.normal(ks3[2], (1, 2100, 8, 128), jnp.bfloat16),
+        *[jax.random.normal(ks3[3], (1, 2100, 1, 128), jnp.bfloat16)] * 2)
 
 
 def main(argv=None):
