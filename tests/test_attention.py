@@ -628,7 +628,8 @@ def test_prefill_split_parallel_gives_the_one_kernel_bits(dtype, monkeypatch):
     lengths, NaN keys / inf values past them), a later chunk whose window leaves split 0 out (the
     kernels skip the splits outside a q block's range), with soft cap; and through ``attention``
     (causal T = S = 1100: the first q blocks skip split 1) with the switch on and off, forward and
-    gradients (the backward reads the forward's lse)."""
+    gradients (the backward reads the forward's lse); a sequence of length 0 (no split at all).
+    """
     cases = [dict(b=2, t=70, s=1100, n=4, kh=2, h=64, qoff=1030, ragged=True),
              dict(b=1, t=20, s=2100, n=4, kh=2, h=128, qoff=2080, window=900, cap=50.0)]
     for i, kw in enumerate(cases):
@@ -642,6 +643,15 @@ def test_prefill_split_parallel_gives_the_one_kernel_bits(dtype, monkeypatch):
         assert_bits_equal(o2, o1, f"case {i}: output")
         assert_bits_equal(lse2, lse1, f"case {i}: lse")
         assert np.all(np.isfinite(np.asarray(o2, np.float32))), f"case {i}: finite"
+    # a sequence of length 0 next to a full one: its q blocks touch no split (output 0, lse -inf)
+    q, k, v = qkv(320, 2, 40, 1100, 4, 2, 64, dtype)
+    pre = K.prepare(q, k, v, jnp.broadcast_to(jnp.arange(1060, 1100, dtype=jnp.int32), (2, 40)),
+                    jnp.array([0, 1100], jnp.int32), causal=True, sliding_window=None)
+    cfg = K.AttnConfig(scale=0.125, soft_cap=None, backend=_backend.chosen_backend())
+    (o1, lse1), (o2, lse2) = K.attention_fwd_call(*pre, cfg), K.decode_call(*pre, cfg, with_lse=True)
+    assert_bits_equal(o2, o1, "length 0: output")
+    assert_bits_equal(lse2, lse1, "length 0: lse")
+    assert np.all(np.asarray(o2[0], np.float32) == 0) and np.all(np.asarray(lse2[0]) == -np.inf)
     # the public path: prefill_call switched to the split-parallel kernels (also off the GPU)
     q, k, v = qkv(310, 2, 1100, 1100, 4, 2, 32, dtype)
     attn = lambda q, k, v: attention(q, k, v, logits_soft_cap=30.0)
