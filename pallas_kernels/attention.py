@@ -58,7 +58,10 @@ HBM, for the real rows of the q block only), then a second Pallas kernel merges 
 ascending order with the *same* ``_merge_states``/``_finalize`` code (a cache of one split merges
 and finalizes in the split's program, as prefill does), so prefill and decode run the
 same instruction sequence per row (never an XLA merge on one path and a Pallas merge on the other:
-XLA's and Triton's ``exp`` differ in bits). Every in-kernel reduction (``max``/``sum`` over the 64 keys of a block, the
+XLA's and Triton's ``exp`` differ in bits). For the same reason prefill may run through the decode
+kernels instead (``prefill_call``, for the head dims in ``PREFILL_SPLIT_PARALLEL_HEAD_DIMS``: one
+program per (q block, split) with a single split state in registers, each q block storing and
+merging only the splits its rows touch) and give the same output and ``lse`` bits. Every in-kernel reduction (``max``/``sum`` over the 64 keys of a block, the
 dots) has a fixed shape (a ``[64, Hp]`` q tile in every kernel), and ``gpu_config`` gives one
 Triton configuration per head dim (decode may differ only in warps and pipeline stages, which were
 measured not to change bits), so the reduction trees are the same for every call. Consequently a row's
