@@ -19,7 +19,9 @@ the output and the ``lse`` the backward pass needs), and checks that the split-p
 ``lse`` are bitwise the prefill kernel's (also with a window, soft cap, ragged lengths
 and f16). GPU for the timings; on CPU it runs the bit checks at small shapes in interpret mode.
 
-Run from the repo root: python benchmarks/prefill_split_parallel.py [--iters N] [--quick]
+Run from the repo root: python benchmarks/prefill_split_parallel.py [--iters N] [--quick | --lean]
+(``--quick``: the four head-dim-128 shapes; ``--lean``: the T = 8192 shapes and B8 T2048 H256, the
+one-kernel and the split-parallel prefill only.)
 """
 import sys
 
@@ -97,18 +99,22 @@ def main(argv):
     if not gpu:
         print("no GPU: timings skipped")
         return 0 if all(s for _, s in checks) else 1
+    lean = "--lean" in argv   # the T = 8192 shapes and B8 T2048 H256; one-kernel vs split-parallel
     shapes = SHAPES[:4] if "--quick" in argv else SHAPES
+    if lean:
+        shapes = [x for x in SHAPES if x[1] == 8192] + [(8, 2048, 256, 4)]
     print("== causal bf16 prefill, N = 8 (ms; ratio = cuDNN / this) ==")
-    print(f"{'shape':22s} {'cuDNN':>8s} {'1-kernel':>16s} {'1-kernel 8w':>16s} {'split-par':>16s} "
-          f"{'all splits':>16s} bits")
+    cols = ["1-kernel", "split-par"] if lean else ["1-kernel", "1-kernel 8w", "split-par", "all splits"]
+    print(f"{'shape':22s} {'cuDNN':>8s}" + "".join(f" {c:>16s}" for c in cols) + " bits")
     ok = all(s for _, s in checks)
     for b, t, h, kh in shapes:
         (q, k, v), prep, cfg = operands(jax.random.key(1), b, t, h, kh)
         t_cudnn = device_ms(lambda q, k, v: jax.nn.dot_product_attention(
             q, k, v, is_causal=True, implementation="cudnn"), q, k, v, iters=iters)
         row = [t_cudnn]
-        for f in (one_kernel(cfg), one_kernel(cfg, config=(8, 1)), split_parallel(cfg),
-                  lambda *p: _k.decode_call(*p, cfg)):
+        variants = [one_kernel(cfg), one_kernel(cfg, config=(8, 1)), split_parallel(cfg),
+                    lambda *p: _k.decode_call(*p, cfg)]
+        for f in ([variants[0], variants[2]] if lean else variants):
             try:
                 row.append(device_ms(f, *prep, iters=iters))
             except Exception as e:  # a configuration may not compile: report, go on
