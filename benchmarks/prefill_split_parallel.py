@@ -11,8 +11,10 @@ may run through it without changing a bit, trading register pressure for the sta
 (``ns * Rp * Hp * 4`` bytes written and read back per (batch, KV head)).
 
 This script measures that trade (causal bf16 prefill, N = 8): the one-kernel prefill with its
-configuration and with 8 warps, the split-parallel path (with the ``lse``, storing and merging
-only the splits a q block touches), the same kernels as decode runs them (no ``lse``, every split
+configuration and with 8 warps, the split-parallel path as ``prefill_call`` runs it (with the
+``lse``, storing and merging only the splits a q block touches, in row groups whose states fit
+``PREFILL_SPLIT_PARALLEL_MAX_STATE_BYTES``), the same in one call whatever the states' size
+(session 19's run s19-1 measured this form), the same kernels as decode runs them (no ``lse``, every split
 stored and merged), and cuDNN, in the same process (CUPTI
 device time: a compile call, a warm-up call, median of ``--iters``; both prefill paths return
 the output and the ``lse`` the backward pass needs), and checks that the split-parallel output and
@@ -57,7 +59,13 @@ def one_kernel(cfg, config=None):
 
 
 def split_parallel(cfg):
-    """``(o, lse)`` of the split-parallel kernels (what ``prefill_call`` runs when switched on)."""
+    """``(o, lse)`` of the split-parallel prefill as ``prefill_call`` runs it (row groups whose
+    states fit ``PREFILL_SPLIT_PARALLEL_MAX_STATE_BYTES``)."""
+    return lambda *p: _k.split_parallel_prefill(*p, cfg)
+
+
+def split_parallel_one_call(cfg):
+    """The same in one ``decode_call`` whatever the states' size (session 19's first form)."""
     return lambda *p: _k.decode_call(*p, cfg, with_lse=True)
 
 
@@ -104,7 +112,8 @@ def main(argv):
     if lean:
         shapes = [x for x in SHAPES if x[1] == 8192] + [(8, 2048, 256, 4)]
     print("== causal bf16 prefill, N = 8 (ms; ratio = cuDNN / this) ==")
-    cols = ["1-kernel", "split-par"] if lean else ["1-kernel", "1-kernel 8w", "split-par", "all splits"]
+    cols = (["1-kernel", "split-par"] if lean else
+            ["1-kernel", "1-kernel 8w", "split-par", "one call", "all splits"])
     print(f"{'shape':22s} {'cuDNN':>8s}" + "".join(f" {c:>16s}" for c in cols) + " bits")
     ok = all(s for _, s in checks)
     for b, t, h, kh in shapes:
@@ -113,7 +122,7 @@ def main(argv):
             q, k, v, is_causal=True, implementation="cudnn"), q, k, v, iters=iters)
         row = [t_cudnn]
         variants = [one_kernel(cfg), one_kernel(cfg, config=(8, 1)), split_parallel(cfg),
-                    lambda *p: _k.decode_call(*p, cfg)]
+                    split_parallel_one_call(cfg), lambda *p: _k.decode_call(*p, cfg)]
         for f in ([variants[0], variants[2]] if lean else variants):
             try:
                 row.append(device_ms(f, *prep, iters=iters))

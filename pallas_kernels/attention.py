@@ -846,28 +846,62 @@ def decode_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig, rows: int | None = Non
 
 #: Prefill through the split-parallel kernels (``decode_call(..., with_lse=True)``: one program per
 #: (q block, split), states to HBM, merged in a second kernel) instead of the one-kernel prefill,
-#: whose two float32 ``[64, Hp]`` states per program (split and total) do not fit the registers at
-#: large head dims. Bitwise the same output and ``lse`` (the decode = prefill guarantee; tested on
-#: CPU by ``test_prefill_split_parallel_gives_the_one_kernel_bits``). A set of padded head dims for
-#: which the GPU prefill takes that path (empty: never; it also needs at least two splits), **empty
-#: until a GPU run shows its bits and a gain** (``benchmarks/prefill_split_parallel.py``).
-PREFILL_SPLIT_PARALLEL_HEAD_DIMS: frozenset = frozenset()
+#: whose two float32 ``[64, Hp]`` states per program (split and total) crowd the registers (at head
+#: dim 256 the two accumulators alone take 256 registers per thread at 4 warps). Bitwise the same
+#: output and ``lse`` (the decode = prefill guarantee; CPU test
+#: ``test_prefill_split_parallel_gives_the_one_kernel_bits``). On the H100 (run s19-1,
+#: ``benchmarks/prefill_split_parallel.py --lean``): the same bits in 11 of 11 comparisons (bf16 at
+#: head dims 128/256, f16 at 256, causal / window + soft cap + ragged lengths, five issue shapes)
+#: and faster at every measured shape: 1.14-1.17x at head dim 128, 1.34-1.52x at 256 (B8 T8192
+#: H256 K4: 25.2 -> 17.1 ms). So the GPU prefill takes this path for these padded head dims and
+#: dtypes (float32 was not timed, and its GPU bit test did not finish in s19-1) when the keys span
+#: at least two splits (one split: ``decode_call``'s single kernel is the one-kernel prefill's
+#: program). Not yet timed: the row groups ``PREFILL_SPLIT_PARALLEL_MAX_STATE_BYTES`` imposes on
+#: larger prefills (B8 T8192 ran as one call in s19-1).
+PREFILL_SPLIT_PARALLEL_HEAD_DIMS: frozenset = frozenset({128, 256})
+PREFILL_SPLIT_PARALLEL_DTYPES = _DECODE_TUNED_DTYPES
+
+#: Most bytes of split states (float32, in HBM) one ``decode_call`` of the split-parallel prefill may
+#: allocate: larger prefills run it on groups of rows (``split_parallel_prefill``). The states take
+#: ``splits * (Hp + 2) * 4`` bytes per packed row (``B * T * N`` rows): 4 GiB for B8 T8192 N8 H256
+#: in one call, 64 GiB at T = 32k, where the one-kernel prefill needs none.
+PREFILL_SPLIT_PARALLEL_MAX_STATE_BYTES = 1 << 30
 
 
-def prefill_uses_split_parallel(hp: int, num_splits: int, backend: str) -> bool:
+def prefill_uses_split_parallel(hp: int, num_splits: int, backend: str, dtype) -> bool:
     """Whether ``prefill_call`` runs the split-parallel kernels (see
-    ``PREFILL_SPLIT_PARALLEL_HEAD_DIMS``); a tuning choice, never a bit change."""
-    return backend == "gpu" and num_splits >= 2 and hp in PREFILL_SPLIT_PARALLEL_HEAD_DIMS
+    ``PREFILL_SPLIT_PARALLEL_HEAD_DIMS``); a speed choice, never a bit change."""
+    return (backend == "gpu" and num_splits >= 2 and hp in PREFILL_SPLIT_PARALLEL_HEAD_DIMS
+            and jnp.dtype(dtype) in PREFILL_SPLIT_PARALLEL_DTYPES)
+
+
+def split_parallel_prefill(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig,
+                           max_state_bytes: int | None = None):
+    """``(o, lse)`` of prefill through ``decode_call(..., with_lse=True)``, on groups of packed
+    rows (multiples of ``BLOCK_Q``, so every q block is the one-call q block) whose split states
+    fit ``max_state_bytes`` (default ``PREFILL_SPLIT_PARALLEL_MAX_STATE_BYTES``). Rows never
+    interact, so the grouping does not change a bit; it bounds the memory."""
+    limit = PREFILL_SPLIT_PARALLEL_MAX_STATE_BYTES if max_state_bytes is None else max_state_bytes
+    b, kh, rp, hp = qp.shape
+    ns = -(-kp.shape[1] // ATTN_SPLIT_K)
+    per_row = b * kh * ns * (hp + 2) * 4
+    group = max(BLOCK_Q, limit // per_row // BLOCK_Q * BLOCK_Q)
+    if group >= rp:
+        return decode_call(qp, kp, vp, lo, hi, kvl, cfg, with_lse=True)
+    parts = [decode_call(qp[:, :, r:r + group], kp, vp, lo[:, r:r + group], hi[:, r:r + group],
+                         kvl[:, r:r + group], cfg, with_lse=True) for r in range(0, rp, group)]
+    return (jnp.concatenate([o for o, _ in parts], axis=2),
+            jnp.concatenate([x for _, x in parts], axis=2))
 
 
 def prefill_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig):
     """Prefill on prepared operands: ``(o [B, K, Rp, Hp], lse [B, K, Rp])`` from the one-kernel
     prefill (``attention_fwd_call``) or, where ``prefill_uses_split_parallel`` says so, from the
-    split-parallel kernels (``decode_call(..., with_lse=True)``); the same bits either way."""
+    split-parallel kernels (``split_parallel_prefill``); the same bits either way."""
     be = _backend.resolve(cfg.backend)
     ns = -(-kp.shape[1] // ATTN_SPLIT_K)
-    if prefill_uses_split_parallel(qp.shape[-1], ns, be):
-        return decode_call(qp, kp, vp, lo, hi, kvl, cfg, with_lse=True)
+    if prefill_uses_split_parallel(qp.shape[-1], ns, be, qp.dtype):
+        return split_parallel_prefill(qp, kp, vp, lo, hi, kvl, cfg)
     return attention_fwd_call(qp, kp, vp, lo, hi, kvl, cfg)
 
 

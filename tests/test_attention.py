@@ -660,13 +660,41 @@ def test_prefill_split_parallel_gives_the_one_kernel_bits(dtype, monkeypatch):
     outs = []
     for split_parallel in (True, False):
         monkeypatch.setattr(K, "prefill_uses_split_parallel",
-                            lambda hp, ns, be, on=split_parallel: on and ns >= 2)
+                            lambda hp, ns, *_, on=split_parallel: on and ns >= 2)
         jax.clear_caches()   # ``attention``'s jit must trace the switched path
         names = str(jax.make_jaxpr(attn)(q, k, v))
         assert ("detjax_decode_attention_merge" in names) == split_parallel, split_parallel
         outs.append((attn(q, k, v), *jax.grad(loss, argnums=(0, 1, 2))(q, k, v)))
     for name, a, b in zip(("out", "dq", "dk", "dv"), *outs):
         assert_bits_equal(a, b, f"attention, switch on vs off: {name}")
+
+
+def test_split_parallel_prefill_row_groups_and_rule(monkeypatch):
+    """``split_parallel_prefill`` runs groups of rows when the split states would pass the memory
+    limit: the same output and lse bits as one call (and the one-kernel prefill's), groups of 64
+    and 128 rows (192 rows: 3 groups, and 2 with a short last one) over 3 splits. And ``prefill_uses_split_parallel``: GPU, bf16/f16, the listed
+    head dims, at least two splits; never float32, one split or interpret mode."""
+    pre, cfg = _prepared(330, 2, 90, 2100, 4, 2, 64, jnp.bfloat16, qoff=2010, ragged=True, window=1500)
+    whole = K.decode_call(*pre, cfg, with_lse=True)
+    ref = K.attention_fwd_call(*pre, cfg)
+    per_row = 2 * 2 * 3 * (64 + 2) * 4          # B * K * splits * (Hp + 2) * 4 bytes
+    for rows in (64, 128):
+        calls = []
+        monkeypatch.setattr(K, "decode_call", lambda *a, _f=K.decode_call, **kw: calls.append(
+            a[0].shape[2]) or _f(*a, **kw))
+        grouped = K.split_parallel_prefill(*pre, cfg, max_state_bytes=rows * per_row)
+        monkeypatch.undo()
+        assert calls == [rows] * (pre[0].shape[2] // rows) + (
+            [pre[0].shape[2] % rows] if pre[0].shape[2] % rows else []), (rows, calls)
+        for a, b, c, name in zip(grouped, whole, ref, ("output", "lse")):
+            assert_bits_equal(a, b, f"groups of {rows} rows vs one call: {name}")
+            assert_bits_equal(a, c, f"groups of {rows} rows vs one-kernel prefill: {name}")
+    rule = K.prefill_uses_split_parallel
+    assert rule(256, 2, "gpu", jnp.bfloat16) and rule(128, 8, "gpu", jnp.float16)
+    assert not rule(256, 1, "gpu", jnp.bfloat16)          # one split: the one-kernel prefill
+    assert not rule(256, 8, "gpu", jnp.float32)           # float32 not measured
+    assert not rule(256, 8, "interpret", jnp.bfloat16)
+    assert rule(64, 8, "gpu", jnp.bfloat16) == (64 in K.PREFILL_SPLIT_PARALLEL_HEAD_DIMS)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
