@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Session 19, run 1 (device tool), from the repo root: a lean form of s19-0 (the session's device
+# Session 19, run 1 (device tool, asked for nvidia-h200, given an NVIDIA H100 80GB HBM3), run at
+# commit c91b652 from the repo root (as results/2026-12-07-s19/s19_1_run.sh; moved here after): a lean form of s19-0 (the session's device
 # time was nearly spent on failed starts): the split-parallel prefill A/B at the T = 8192 shapes
 # and B8 T2048 H256 (bits and time), its GPU test, then output hashes against s17-0 (H100) with
 # whatever time is left.

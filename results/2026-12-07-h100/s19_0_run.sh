@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Session 19, run 0 (device tool), from the repo root: the device; output hashes at HEAD compared
+# Session 19, run 0: NOT RUN (every machine start failed; its core ran as s19-1). Kept as the
+# next GPU session's check (the benchmarks have changed since: see results/README.md, Session 19).
+# (device tool), from the repo root: the device; output hashes at HEAD compared
 # with s17-0 (H100), and again with prefill_call sending every head dim through the split-parallel
 # kernels (PREFILL_SPLIT_PARALLEL_HEAD_DIMS) compared with the first;
 # benchmarks/prefill_split_parallel.py (first run: prefill through the decode kernels, bits and
@@ -8,7 +10,7 @@
 # did not finish (what time is left). The prefill A/B runs first (the device time was short).
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false
 F="^WARNING\|^I0000\|^W0000\|^E0000"
-D=results/2026-12-07-h100
+D=results/2026-12-07-h100   # (written as results/2026-12-07-s19/, moved here)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/s19_0_device.txt"
 timeout 220 python3 benchmarks/prefill_split_parallel.py 2>&1 | grep -v "$F" | tee "$OUT/s19_0_prefill_sp.txt"
 timeout 110 python3 scripts/output_hashes.py --json "$OUT/s19_0_hashes.json" \
