@@ -852,7 +852,7 @@ def decode_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig, rows: int | None = Non
 #: ``test_prefill_split_parallel_gives_the_one_kernel_bits``). On the H100 (run s19-1,
 #: ``benchmarks/prefill_split_parallel.py --lean``): the same bits in 11 of 11 comparisons (bf16 at
 #: head dims 128/256, f16 at 256, causal / window + soft cap + ragged lengths, five issue shapes)
-#: and faster at every measured shape: 1.14-1.17x at head dim 128, 1.34-1.52x at 256 (B8 T8192
+#: and faster at every measured shape: 1.12-1.17x at head dim 128, 1.34-1.52x at 256 (B8 T8192
 #: H256 K4: 25.2 -> 17.1 ms). So the GPU prefill takes this path for these padded head dims and
 #: dtypes (float32 was not timed, and its GPU bit test did not finish in s19-1) when the keys span
 #: at least two splits (one split: ``decode_call``'s single kernel is the one-kernel prefill's
