@@ -879,8 +879,9 @@ def split_parallel_prefill(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig,
                            max_state_bytes: int | None = None):
     """``(o, lse)`` of prefill through ``decode_call(..., with_lse=True)``, on groups of packed
     rows (multiples of ``BLOCK_Q``, so every q block is the one-call q block) whose split states
-    fit ``max_state_bytes`` (default ``PREFILL_SPLIT_PARALLEL_MAX_STATE_BYTES``). Rows never
-    interact, so the grouping does not change a bit; it bounds the memory."""
+    fit ``max_state_bytes`` (default ``PREFILL_SPLIT_PARALLEL_MAX_STATE_BYTES``), one group after
+    another (``lax.map``; the rows are padded to whole groups with empty rows, sliced off after).
+    Rows never interact, so the grouping does not change a bit; it bounds the memory."""
     limit = PREFILL_SPLIT_PARALLEL_MAX_STATE_BYTES if max_state_bytes is None else max_state_bytes
     b, kh, rp, hp = qp.shape
     ns = -(-kp.shape[1] // ATTN_SPLIT_K)
@@ -888,10 +889,14 @@ def split_parallel_prefill(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig,
     group = max(BLOCK_Q, limit // per_row // BLOCK_Q * BLOCK_Q)
     if group >= rp:
         return decode_call(qp, kp, vp, lo, hi, kvl, cfg, with_lse=True)
-    parts = [decode_call(qp[:, :, r:r + group], kp, vp, lo[:, r:r + group], hi[:, r:r + group],
-                         kvl[:, r:r + group], cfg, with_lse=True) for r in range(0, rp, group)]
-    return (jnp.concatenate([o for o, _ in parts], axis=2),
-            jnp.concatenate([x for _, x in parts], axis=2))
+    ng = -(-rp // group)
+    pad = ng * group - rp   # empty rows (interval [0, 0), length 0): output 0, lse -inf
+    qg = jnp.pad(qp, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(b, kh, ng, group, hp)
+    rows = [jnp.pad(a, ((0, 0), (0, pad))).reshape(b, ng, group).transpose(1, 0, 2) for a in (lo, hi, kvl)]
+    o, lse = lax.map(lambda x: decode_call(x[0], kp, vp, *x[1:], cfg, with_lse=True),
+                     (qg.transpose(2, 0, 1, 3, 4), *rows))
+    o = o.transpose(1, 2, 0, 3, 4).reshape(b, kh, ng * group, hp)[:, :, :rp]
+    return o, lse.transpose(1, 2, 0, 3).reshape(b, kh, ng * group)[:, :, :rp]
 
 
 def prefill_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig):
