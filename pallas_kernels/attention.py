@@ -381,26 +381,48 @@ def apply_nonfinite_counts(pv, cnt, codes):
     return jnp.where((n_nan > 0) | ((n_pinf > 0) & (n_ninf > 0)), jnp.nan, out)
 
 
+#: A/B switches of ``_block_step`` (trace time; for ``benchmarks/block_step_selects.py`` and the GPU
+#: test that compares the forms). ``BLOCK_STEP_SELECT_ACC``: select the old ``[rows, Hp]``
+#: accumulator back for rows with no valid key in the block. ``BLOCK_STEP_SELECT_P``: select
+#: ``p = 0`` outside the interval (``s`` is already ``-inf`` there). Neither select changes a finite
+#: result (``_block_step`` says why); each costs a select per element per block, and the first keeps
+#: the old and the new accumulator alive together (two ``[64, Hp]`` f32 tiles in registers).
+BLOCK_STEP_SELECT_ACC = True
+BLOCK_STEP_SELECT_P = True
+
+
 def _block_step(state, s, valid, v, guarded=True):
     """Fold one KV block into a row state. Rows with no valid key keep their state bitwise.
 
     A NaN logit at a valid key makes the row's state NaN (so the output is NaN, as in IEEE
     arithmetic). GPU ``max`` reductions drop NaN, so NaN is read from the row sum instead, which
     propagates it: no extra reduction per block.
+
+    Why the state of a row with no valid key in the block is unchanged even without the selects
+    (``BLOCK_STEP_SELECT_ACC`` / ``_P`` off): its ``m_blk`` is ``-inf``, so ``m_new = m``; if ``m``
+    is finite, ``alpha = exp(0) = 1`` and every ``p`` is ``exp(-inf) = 0``, so ``l * 1 + 0 = l`` and
+    ``acc * 1 + sum(0 * v) = acc`` exactly (the accumulator starts at +0 and IEEE sums never turn
+    +0 into -0, so adding +-0 cannot flip a zero's sign either); if ``m`` is ``-inf`` (nothing yet)
+    the state stays ``(-inf, 0, +0)``. A non-finite value at such a key makes ``0 * v`` NaN in the
+    plain fold, which sends the split through the guarded fold (``_split_state``), whose counts use
+    ``valid``. Only a NaN row (NaN whatever the selects) computes its NaN differently.
     """
     m, l, acc = state
     m_blk = jnp.max(s, axis=-1)                  # s is -inf outside the interval
     m_new = _nan_max(m, m_blk)
     m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)    # keeps NaN
-    p = jnp.where(valid, jnp.exp(s - m_use[..., None]), 0.0)
+    p = jnp.exp(s - m_use[..., None])
+    if BLOCK_STEP_SELECT_P:
+        p = jnp.where(valid, p, 0.0)
     alpha = jnp.where(m == -jnp.inf, 0.0, jnp.exp(m - m_use))
     l_new = alpha * l + jnp.sum(p, axis=-1)
     row_nan = l_new != l_new                     # a NaN logit (or a NaN state) in this row
     any_valid = (m_blk > -jnp.inf) | row_nan
     m_new = jnp.where(row_nan, jnp.nan, m_new)
     acc_new = _add_pv(acc * alpha[..., None], p, v, jnp.broadcast_to(valid, p.shape), guarded)
-    return (jnp.where(any_valid, m_new, m), jnp.where(any_valid, l_new, l),
-            jnp.where(any_valid[..., None], acc_new, acc))
+    if BLOCK_STEP_SELECT_ACC:
+        acc_new = jnp.where(any_valid[..., None], acc_new, acc)
+    return jnp.where(any_valid, m_new, m), jnp.where(any_valid, l_new, l), acc_new
 
 
 def _merge_states(total, part, widen=lambda x, hp: x[..., None]):

@@ -696,6 +696,50 @@ def test_split_parallel_prefill_row_groups_and_rule(monkeypatch):
     assert rule(64, 8, "gpu", jnp.bfloat16) == (64 in K.PREFILL_SPLIT_PARALLEL_HEAD_DIMS)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_block_step_selects_do_not_change_bits(dtype, monkeypatch):
+    """``_block_step`` without its selects (``BLOCK_STEP_SELECT_ACC`` / ``BLOCK_STEP_SELECT_P``
+    off) gives the bits of the selecting form: prefill (one kernel and split-parallel, output and
+    lse) and decode, where rows of one q block cover different intervals (GQA rows of several
+    tokens, a window, ragged lengths with NaN keys / inf values past them, soft cap), so rows fold
+    blocks in which they have no valid key; head dims 64 and 128 (256 on the GPU); a row whose
+    query holds a NaN is NaN in every form."""
+    cases = [dict(b=2, t=70, s=1100, n=4, kh=2, h=64, qoff=1030, ragged=True, window=300),
+             dict(b=1, t=20, s=2100, n=4, kh=1, h=128, qoff=2080, window=900, cap=50.0)]
+    if _backend.chosen_backend() == "gpu":
+        cases.append(dict(b=2, t=130, s=2200, n=8, kh=2, h=256, qoff=2070, ragged=True, window=1500))
+
+    def run(args, cfg, acc, p):
+        monkeypatch.setattr(K, "BLOCK_STEP_SELECT_ACC", acc)
+        monkeypatch.setattr(K, "BLOCK_STEP_SELECT_P", p)
+        rows = args[0].shape[2]
+        dec = K.decode_call(*args, cfg, rows=rows)
+        return (*K.attention_fwd_call(*args, cfg), *K.decode_call(*args, cfg, with_lse=True), dec)
+
+    names = ("prefill output", "prefill lse", "split-parallel output", "split-parallel lse", "decode")
+    for i, kw in enumerate(cases):
+        (qp, kp, vp, lo, hi, kvl), cfg = _prepared(330 + i, dtype=dtype, **kw)
+        if kw.get("ragged"):
+            tail = jnp.arange(kp.shape[1])[None, :, None, None] >= kvl[:, :1, None, None]
+            kp, vp = jnp.where(tail, jnp.nan, kp), jnp.where(tail, jnp.inf, vp)
+        args = (qp, kp, vp, lo, hi, kvl)
+        ref = run(args, cfg, True, True)
+        assert np.all(np.isfinite(np.asarray(ref[0], np.float32)))
+        for acc, p in ((False, True), (False, False), (True, False)):
+            for a, r, name in zip(run(args, cfg, acc, p), ref, names):
+                assert_bits_equal(a, r, f"case {i}, select acc={acc} p={p}: {name}")
+    # a NaN query row (a NaN logit at every valid key) stays NaN, its neighbours unchanged
+    (qp, kp, vp, lo, hi, kvl), cfg = _prepared(340, 1, 40, 300, 4, 2, 64, dtype, qoff=260)
+    qn = qp.at[0, 1, 7, 3].set(jnp.nan)
+    ref = run((qn, kp, vp, lo, hi, kvl), cfg, True, True)
+    out = run((qn, kp, vp, lo, hi, kvl), cfg, False, False)
+    for a, r, name in zip(out, ref, names):
+        a, r = np.asarray(a, np.float32), np.asarray(r, np.float32)
+        assert np.array_equal(np.isnan(a), np.isnan(r)), name
+        assert np.isnan(a[0, 1, 7]).all() and not np.isnan(a[0, 1, 8]).any(), name
+        assert_bits_equal(np.where(np.isnan(a), 0, a), np.where(np.isnan(r), 0, r), name)
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 def test_decode_single_split_kernel_gives_the_two_kernel_bits(dtype, monkeypatch):
     """A cache of at most one 1024-key split decodes in one kernel (``DECODE_FUSE_SINGLE_SPLIT``):
