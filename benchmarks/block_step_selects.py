@@ -10,7 +10,8 @@ a finite result (``_block_step``'s docstring says why; CPU test
 ``test_block_step_selects_do_not_change_bits``, which runs compiled on a GPU too). This script
 measures what they cost and checks the bits on the GPU at the benchmark shapes:
 
-* variants: ``selects`` (both; the form of sessions 1-19), ``no acc select``, ``no selects``;
+* variants: ``selects`` (both; the form of sessions 1-19), ``no acc select``, ``no selects`` (the
+  default since run s20-1: ``BLOCK_STEP_SELECT_ACC`` / ``_P``);
 * causal bf16 prefill through ``detjax.ops.attention`` (the product path: split-parallel at head
   dims 128/256, the one-kernel prefill at 64), N = 8, T = S, against cuDNN;
 * one-token decode through ``decode_attention`` (full caches), against XLA, with the % of the
@@ -49,14 +50,14 @@ def bits(x):
 
 def run_variants(f, args, iters, timed):
     """[(ms or None, output)] per variant; the kernels are retraced for each (cleared caches)."""
-    out = []
+    out, default = [], (_k.BLOCK_STEP_SELECT_ACC, _k.BLOCK_STEP_SELECT_P)
     for _, acc, p in VARIANTS:
         _k.BLOCK_STEP_SELECT_ACC, _k.BLOCK_STEP_SELECT_P = acc, p
         jax.clear_caches()
         y = jax.block_until_ready(jax.jit(f)(*args))
         ms = device_ms(f, *args, iters=iters) if timed else None
         out.append((ms, y))
-    _k.BLOCK_STEP_SELECT_ACC, _k.BLOCK_STEP_SELECT_P = True, True
+    _k.BLOCK_STEP_SELECT_ACC, _k.BLOCK_STEP_SELECT_P = default
     jax.clear_caches()
     return out
 

@@ -42,8 +42,9 @@ Reduction order (the product; see also ``pallas_kernels/order.py``)
   ``s = cap * tanh(s / cap)`` with a soft cap, ``s = -inf`` outside the row's interval;
   ``m' = max(m, max_j s)``; ``p = where(valid, exp(s - m'), 0)``; ``alpha = exp(m - m')``;
   ``l' = alpha * l + sum_j p``; ``acc' = acc * alpha + p @ v`` (``p`` cast to ``v``'s dtype for
-  bf16/f16). A block with no valid key for the row leaves its state *bitwise unchanged* (the
-  update is selected away per row), so skipping such blocks is exact.
+  bf16/f16). A block with no valid key for the row leaves its state *bitwise unchanged*
+  (``alpha = 1``, ``p = 0``: ``acc * 1 + 0 = acc``; ``_block_step`` says why no select is needed),
+  so skipping such blocks is exact.
 * Split states are merged into the running total in ascending ``c`` by ``_merge_states``:
   ``m' = max(m, m_c)``, ``acc' = acc * exp(m - m') + acc_c * exp(m_c - m')``, ``l`` likewise; an
   empty split leaves the total bitwise unchanged and an empty total takes the split state verbatim,
@@ -381,14 +382,19 @@ def apply_nonfinite_counts(pv, cnt, codes):
     return jnp.where((n_nan > 0) | ((n_pinf > 0) & (n_ninf > 0)), jnp.nan, out)
 
 
-#: A/B switches of ``_block_step`` (trace time; for ``benchmarks/block_step_selects.py`` and the GPU
-#: test that compares the forms). ``BLOCK_STEP_SELECT_ACC``: select the old ``[rows, Hp]``
-#: accumulator back for rows with no valid key in the block. ``BLOCK_STEP_SELECT_P``: select
-#: ``p = 0`` outside the interval (``s`` is already ``-inf`` there). Neither select changes a finite
-#: result (``_block_step`` says why); each costs a select per element per block, and the first keeps
-#: the old and the new accumulator alive together (two ``[64, Hp]`` f32 tiles in registers).
-BLOCK_STEP_SELECT_ACC = True
-BLOCK_STEP_SELECT_P = True
+#: A/B switches of ``_block_step`` (read at trace time; for ``benchmarks/block_step_selects.py`` and
+#: ``test_block_step_selects_do_not_change_bits``). ``BLOCK_STEP_SELECT_ACC``: select the old
+#: ``[rows, Hp]`` accumulator back for rows with no valid key in the block (it keeps the old and the
+#: new accumulator alive together). ``BLOCK_STEP_SELECT_P``: select ``p = 0`` outside the interval
+#: (``s`` is already ``-inf`` there). Sessions 1-19 ran both. Neither changes a finite result
+#: (``_block_step`` says why), and on the H100 (run s20-1) dropping both gave the same bits at every
+#: benchmark shape (9 prefill, 5 decode), passed the test for bf16 and f16, and was faster: prefill
+#: 1.11-1.22x at head dims 128/256 (B8 T8192 H128 7.05 -> 6.09 ms), 1.38x at 64; decode
+#: 1.04-1.25x (B64 8k: 79 -> 83% of copy). Dropping the accumulator select alone gained at most
+#: 1.07x: the per-element select of ``p`` was the larger cost. So both are off (output hashes and
+#: float32 with them off: run s20-2).
+BLOCK_STEP_SELECT_ACC = False
+BLOCK_STEP_SELECT_P = False
 
 
 def _block_step(state, s, valid, v, guarded=True):
