@@ -51,13 +51,17 @@ def default(q, kc, vc, lengths):
 
 
 def with_setting(name, value, fn):
-    """``fn()`` with ``pallas_kernels.attention.<name> = value`` (traced afresh), then restored."""
+    """``fn()`` with ``pallas_kernels.attention.<name> = value`` (traced afresh), then restored.
+    The caches are cleared on both sides: ``decode_attention``'s inner ``jax.jit`` would otherwise
+    reuse the trace of the first setting (a fresh outer lambda does not retrace it)."""
     old = getattr(_k, name)
     setattr(_k, name, value)
+    jax.clear_caches()
     try:
         return fn()
     finally:
         setattr(_k, name, old)
+        jax.clear_caches()
 
 
 def bits(x):
@@ -93,7 +97,6 @@ def main(argv):
                             (8, 768, 4, 256, jnp.float16), (64, 8192, 4, 128, jnp.bfloat16)]:
         q, kc, vc, full, mb = case(b, s, kh, h, dt)
         ragged = case(b, s, kh, h, dt, ragged=True)[3]
-        # ``lambda *a: default(*a)``: a new function per setting, so jit traces it under that setting
         res = {flag: with_setting("DECODE_UNPADDED_ROWS", flag, lambda: (
                    bits(jax.jit(lambda *a: default(*a))(q, kc, vc, ragged)),
                    device_ms(lambda *a: default(*a), q, kc, vc, full, iters=10)))

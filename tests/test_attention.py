@@ -612,9 +612,11 @@ def test_decode_unpadded_rows_give_the_padded_bits(dtype, monkeypatch):
         outs = []
         for flag in (True, False):
             monkeypatch.setattr(K, "DECODE_UNPADDED_ROWS", flag)
+            jax.clear_caches()   # ``decode_attention``'s inner jit must trace the switched path
             outs.append(np.asarray(jax.jit(lambda *a: decode_attention(*a, sliding_window=kw.get("window"),
                                                                           logits_soft_cap=kw.get("cap")))(
-                q, k, v, lengths)))   # a new trace per flag
+                q, k, v, lengths)))
+        jax.clear_caches()
         assert_bits_equal(outs[0], outs[1], f"case {i}: decode_attention, switch on vs off")
     with pytest.raises(ValueError, match="rows"):   # unpadded rows must all be real
         K.decode_call(*pre, cfg, rows=rows - 1)
