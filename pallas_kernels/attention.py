@@ -411,7 +411,10 @@ def _block_step(state, s, valid, v, guarded=True):
     +0 into -0, so adding +-0 cannot flip a zero's sign either); if ``m`` is ``-inf`` (nothing yet)
     the state stays ``(-inf, 0, +0)``. A non-finite value at such a key makes ``0 * v`` NaN in the
     plain fold, which sends the split through the guarded fold (``_split_state``), whose counts use
-    ``valid``. Only a NaN row (NaN whatever the selects) computes its NaN differently.
+    ``valid``. Only a NaN row (NaN whatever the selects) computes its NaN differently, and a block
+    whose valid keys all have the logit ``-inf`` (infinite inputs only): the selecting form skipped
+    it, this one folds it like any block, so a NaN/inf value at such a key propagates, as the header
+    says of a valid key whose ``p`` is 0.
     """
     m, l, acc = state
     m_blk = jnp.max(s, axis=-1)                  # s is -inf outside the interval
