@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.bench_attention import decode_case, xla_decode
 from benchmarks.bench_kernels import copy_bandwidth_gbs, device_ms
 from detjax.ops._attention import attention, decode_attention
 from pallas_kernels import attention as _k
@@ -98,18 +99,9 @@ def main(argv):
     print(f"== one-token decode, N = 8, full caches (us; ratio = XLA / this; % of copy {copy:.0f} GB/s) ==")
     print(f"{'shape':22s} {'XLA':>7s}" + "".join(f" {n:>22s}" for n, _, _ in VARIANTS) + " bits")
     for b, s_, kh, h in decode:
-        kq, kk, kv = jax.random.split(jax.random.fold_in(key, b * s_ + kh + h), 3)
-        q = jax.random.normal(kq, (b, 1, 8, h), jnp.bfloat16)
-        kc = jax.random.normal(kk, (b, s_, kh, h), jnp.bfloat16)
-        vc = jax.random.normal(kv, (b, s_, kh, h), jnp.bfloat16)
-        lengths = jnp.full((b,), s_, jnp.int32)
-
-        def xla(q, kc, vc, lengths, s_=s_):
-            m = (jnp.arange(s_)[None, :] < lengths[:, None])[:, None, None, :]
-            return jax.nn.dot_product_attention(q, kc, vc, mask=m, implementation="xla")
-
+        q, kc, vc, lengths = decode_case(jax.random.fold_in(key, h), b, s_, kh, h)
         gb = (kc.nbytes + vc.nbytes) / 1e6
-        ref = device_ms(xla, q, kc, vc, lengths, iters=iters)
+        ref = device_ms(xla_decode, q, kc, vc, lengths, iters=iters)
         res = run_variants(lambda q, kc, vc, l: decode_attention(q, kc, vc, l), (q, kc, vc, lengths),
                            iters, True)
         s = same(res)

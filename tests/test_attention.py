@@ -565,6 +565,12 @@ def _prepared(seed, b, t, s, n, kh, h, dtype, *, qoff=0, ragged=False, causal=Tr
                              backend=backend or _backend.chosen_backend())
 
 
+def _garbage_past_lengths(kp, vp, kvl):
+    """Prepared ``k``/``v`` with NaN keys and inf values at and past each sequence's length."""
+    tail = jnp.arange(kp.shape[1])[None, :, None, None] >= kvl[:, :1, None, None]
+    return jnp.where(tail, jnp.nan, kp), jnp.where(tail, jnp.inf, vp)
+
+
 def test_decode_states_for_real_rows_only():
     """``decode_call(rows=T*G)`` stores the per-split states of the real rows only (the padding
     rows of the q block read the empty state): the same output bits as storing all rows, across
@@ -637,8 +643,7 @@ def test_prefill_split_parallel_gives_the_one_kernel_bits(dtype, monkeypatch):
     for i, kw in enumerate(cases):
         (qp, kp, vp, lo, hi, kvl), cfg = _prepared(300 + i, dtype=dtype, **kw)
         if kw.get("ragged"):
-            tail = jnp.arange(kp.shape[1])[None, :, None, None] >= kvl[:, :1, None, None]
-            kp, vp = jnp.where(tail, jnp.nan, kp), jnp.where(tail, jnp.inf, vp)
+            kp, vp = _garbage_past_lengths(kp, vp, kvl)
         args = (qp, kp, vp, lo, hi, kvl)
         o1, lse1 = K.attention_fwd_call(*args, cfg)
         o2, lse2 = K.decode_call(*args, cfg, with_lse=True)
@@ -724,8 +729,7 @@ def test_block_step_selects_do_not_change_bits(dtype, monkeypatch):
     for i, kw in enumerate(cases):
         (qp, kp, vp, lo, hi, kvl), cfg = _prepared(330 + i, dtype=dtype, **kw)
         if kw.get("ragged"):
-            tail = jnp.arange(kp.shape[1])[None, :, None, None] >= kvl[:, :1, None, None]
-            kp, vp = jnp.where(tail, jnp.nan, kp), jnp.where(tail, jnp.inf, vp)
+            kp, vp = _garbage_past_lengths(kp, vp, kvl)
         args = (qp, kp, vp, lo, hi, kvl)
         ref = run(args, cfg, True, True)
         assert np.all(np.isfinite(np.asarray(ref[0], np.float32)))
@@ -754,8 +758,7 @@ def test_decode_single_split_kernel_gives_the_two_kernel_bits(dtype, monkeypatch
              dict(b=2, t=3, s=1024, n=8, kh=4, h=256, qoff=1021, ragged=True, window=100, cap=50.0)]
     for i, kw in enumerate(cases):
         (qp, kp, vp, lo, hi, kvl), cfg = _prepared(90 + i, dtype=dtype, **kw)
-        tail = jnp.arange(kp.shape[1])[None, :, None, None] >= kvl[:, :1, None, None]
-        kp, vp = jnp.where(tail, jnp.nan, kp), jnp.where(tail, jnp.inf, vp)
+        kp, vp = _garbage_past_lengths(kp, vp, kvl)
         rows = kw["t"] * kw["n"] // kw["kh"]
         args = (qp, kp, vp, lo, hi, kvl)
         for fused in (True, False):
