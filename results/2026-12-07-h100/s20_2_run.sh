@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 20, run 2 (a fresh H100, after 12 failed or refused starts; cut by the device budget at 509 s), from the repo root: the block step without its
+# Session 20, run 2 (a fresh H100, after 10 failed or refused starts; cut by the device budget at 509 s), from the repo root: the block step without its
 # selects is the default now; output hashes against s20-1 (computed with the selects), then the
 # attention tests (the float32 select test among them), then the A/B of DECODE_UNPADDED_ROWS
 # (benchmarks/decode_breakdown.py --ab-only) with the time left.
