@@ -40,7 +40,7 @@ Reduction order (the product; see also ``pallas_kernels/order.py``)
 * Within a split: starting from the empty state, the split's blocks are folded in ascending ``j``
   by ``_block_step``: ``s = (q . k) * scale`` (f32 accumulation; f32 inputs at full precision),
   ``s = cap * tanh(s / cap)`` with a soft cap, ``s = -inf`` outside the row's interval;
-  ``m' = max(m, max_j s)``; ``p = where(valid, exp(s - m'), 0)``; ``alpha = exp(m - m')``;
+  ``m' = max(m, max_j s)``; ``p = exp(s - m')`` (0 outside the interval); ``alpha = exp(m - m')``;
   ``l' = alpha * l + sum_j p``; ``acc' = acc * alpha + p @ v`` (``p`` cast to ``v``'s dtype for
   bf16/f16). A block with no valid key for the row leaves its state *bitwise unchanged*
   (``alpha = 1``, ``p = 0``: ``acc * 1 + 0 = acc``; ``_block_step`` says why no select is needed),
