@@ -28,6 +28,12 @@ from detjax import ops  # noqa: E402
 BF16_PEAK_TFLOPS = 798.0  # measured ceiling on the H100 (XLA 8192^3 bf16), see GPU_FACTS / results
 
 
+def bits(x):
+    """Bit patterns of a 2- or 4-byte array (for bitwise comparisons of outputs)."""
+    x = np.asarray(x)
+    return x.view(np.uint16 if x.dtype.itemsize == 2 else np.uint32)
+
+
 def device_ms(f, *args, iters=20):
     """Median device time (ms) of the jitted f(*args); falls back to host timing off-GPU."""
     f = jax.jit(f)

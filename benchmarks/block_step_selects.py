@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.bench_attention import decode_case, xla_decode
-from benchmarks.bench_kernels import copy_bandwidth_gbs, device_ms
+from benchmarks.bench_kernels import bits, copy_bandwidth_gbs, device_ms
 from detjax.ops._attention import attention, decode_attention
 from pallas_kernels import attention as _k
 
@@ -42,11 +42,6 @@ PREFILL = [(1, 2048, 128, 4), (8, 2048, 128, 4), (1, 8192, 128, 4), (8, 8192, 12
            (8, 2048, 64, 4)]
 DECODE = [(8, 8192, 4, 128), (64, 8192, 4, 128), (8, 32768, 4, 128), (8, 8192, 4, 256),
           (1, 32768, 1, 128)]
-
-
-def bits(x):
-    x = np.asarray(x)
-    return x.view(np.uint16 if x.dtype.itemsize == 2 else np.uint32)
 
 
 def run_variants(f, args, iters, timed):

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.bench_attention import decode_case, xla_decode
-from benchmarks.bench_kernels import device_ms
+from benchmarks.bench_kernels import bits, device_ms
 from detjax.experimental import mosaic_decode_attention
 from detjax.ops._attention import decode_attention
 from pallas_kernels import attention as _k
@@ -62,10 +62,6 @@ def with_setting(name, value, fn):
     finally:
         setattr(_k, name, old)
         jax.clear_caches()
-
-
-def bits(x):
-    return np.asarray(x).view(np.uint16 if x.dtype.itemsize == 2 else np.uint32)
 
 
 def main(argv):

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.bench_kernels import device_ms
+from benchmarks.bench_kernels import bits, device_ms
 from pallas_kernels import attention as _k
 
 SHAPES = [  # (B, T, H, K); N = 8, causal, T = S
@@ -69,11 +69,6 @@ def split_parallel(cfg):
 def split_parallel_one_call(cfg):
     """The same in one ``decode_call`` whatever the states' size (session 19's first form)."""
     return lambda *p: _k.decode_call(*p, cfg, with_lse=True)
-
-
-def bits(x):
-    x = np.asarray(x)
-    return x.view(np.uint16 if x.dtype.itemsize == 2 else np.uint32)
 
 
 def same_bits(cfg, prep):
