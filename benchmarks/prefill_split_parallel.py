@@ -21,9 +21,10 @@ the output and the ``lse`` the backward pass needs), and checks that the split-p
 ``lse`` are bitwise the prefill kernel's (also with a window, soft cap, ragged lengths
 and f16). GPU for the timings; on CPU it runs the bit checks at small shapes in interpret mode.
 
-Run from the repo root: python benchmarks/prefill_split_parallel.py [--iters N] [--quick | --lean]
+Run from the repo root: python benchmarks/prefill_split_parallel.py [--iters N] [--quick | --lean | --h64]
 (``--quick``: the four head-dim-128 shapes; ``--lean``: the T = 8192 shapes and B8 T2048 H256, the
-one-kernel and the split-parallel prefill only.)
+one-kernel and the split-parallel prefill only; ``--h64``: the same two columns at the head-dim-64
+shapes.)
 """
 import sys
 
@@ -104,9 +105,12 @@ def main(argv):
     if not gpu:
         print("no GPU: timings skipped")
         return 0 if all(s for _, s in checks) else 1
-    lean = "--lean" in argv   # the T = 8192 shapes and B8 T2048 H256; one-kernel vs split-parallel
+    h64 = "--h64" in argv     # the head-dim-64 shapes alone; one-kernel vs split-parallel
+    lean = "--lean" in argv or h64   # the T = 8192 shapes and B8 T2048 H256; one-kernel vs split-par
     shapes = SHAPES[:4] if "--quick" in argv else SHAPES
-    if lean:
+    if h64:
+        shapes = [x for x in SHAPES if x[2] == 64]
+    elif lean:
         shapes = [x for x in SHAPES if x[1] == 8192 and x[2] > 64] + [(8, 2048, 256, 4)]
     print("== causal bf16 prefill, N = 8 (ms; ratio = cuDNN / this) ==")
     cols = (["1-kernel", "split-par"] if lean else
