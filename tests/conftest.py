@@ -123,10 +123,24 @@ def _first_rank(item):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Long modules first (``FIRST``); then ``DETJAX_SHARD=i/n`` keeps every n-th collected test
-    starting at the i-th (0-based), so a GPU suite that exceeds one call's time limit can run in n
-    calls (``scripts/gpu_suite.sh``)."""
+    """Long modules first (``FIRST``); ``DETJAX_NODEIDS=FILE`` keeps only the tests whose node ids
+    are lines of FILE (to rerun the tests a cut GPU call left unfinished: pass their files as the
+    arguments; parametrized ids on the command line gave 0 items under xdist on the GPU machine's
+    pytest 9.1); then ``DETJAX_SHARD=i/n`` keeps every n-th collected test starting at the i-th
+    (0-based), so a GPU suite that exceeds one call's time limit can run in n calls
+    (``scripts/gpu_suite.sh``)."""
     items.sort(key=_first_rank)   # stable: the collection order otherwise
+    listed = os.environ.get("DETJAX_NODEIDS")
+    if listed:
+        with open(listed) as f:
+            wanted = {line.strip() for line in f if line.strip()}
+        missing = wanted - {it.nodeid for it in items}
+        if missing:
+            raise pytest.UsageError(f"DETJAX_NODEIDS={listed!r}: not collected: {sorted(missing)[:5]}")
+        dropped = [it for it in items if it.nodeid not in wanted]
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+        items[:] = [it for it in items if it.nodeid in wanted]
     shard = os.environ.get("DETJAX_SHARD")
     if not shard:
         return
