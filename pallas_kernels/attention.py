@@ -738,12 +738,13 @@ def _decode_merge_kernel(*refs, num_splits, rows, gpu, overhang=False, ranged=Fa
 #: On: decode packs only the real rows (``prepare(..., row_block=1)``) and its kernels read/write
 #: the overhanging last q block with masks, instead of padding q and the row ints to 64 rows before
 #: the kernels and slicing the output after them (small XLA kernels around every decode call). The
-#: same values reach the same arithmetic; bitwise equal to the padded layout in interpret mode
-#: (``test_decode_unpadded_rows_give_the_padded_bits``). **Off by default until a GPU run shows its
-#: bits and its speed** (session 18 got no GPU; ``benchmarks/decode_breakdown.py`` is the A/B, and
-#: the test above runs compiled on a GPU). Off, the traced kernels are those of sessions 16-17
-#: (the same jaxpr, so the same bits).
-DECODE_UNPADDED_ROWS = False
+#: same values reach the same arithmetic; bitwise equal to the padded layout
+#: (``test_decode_unpadded_rows_give_the_padded_bits``, interpret mode and compiled on the GPU).
+#: **On by default since session 21**: on the H100 (run s21-1, ``benchmarks/decode_breakdown.py``)
+#: the same bits as the padded layout at ragged lengths at 6 of 6 shapes (bf16, and f16 at one), and
+#: 1.07-1.36x faster (B8 cache 8k: 63.7 -> 56.6 us, 70% -> 78% of copy; B64 8k: 85% -> 95%).
+#: Off, the traced kernels are those of sessions 16-20 (the same bits).
+DECODE_UNPADDED_ROWS = True
 
 #: A cache of at most one split (``ATTN_SPLIT_K`` keys) decodes in one kernel
 #: (``_decode_single_kernel``) instead of split + merge: the same functions on the same values, so
@@ -789,7 +790,7 @@ def decode_call(qp, kp, vp, lo, hi, kvl, cfg: AttnConfig, rows: int | None = Non
     ``qp``'s rows (and ``lo``/``hi``/``kvl``'s) need not be padded to a multiple of ``BLOCK_Q``
     (``prepare(..., row_block=1)``): the last q block then overhangs them, its missing rows read as
     the padding (q 0, empty interval) and are not written back, so the output has ``qp``'s rows and
-    no padding pass runs before or after the kernels (``DECODE_UNPADDED_ROWS``, off by default).
+    no padding pass runs before or after the kernels (``DECODE_UNPADDED_ROWS``, on by default).
 
     ``rows``: how many packed rows are real (``T * G``; default all ``Rp``). The per-split states
     (``m``, ``l``, ``acc`` in float32, written by the split kernel and read by the merge kernel)
