@@ -8,10 +8,12 @@
 2. The A/B of ``pallas_kernels.attention.DECODE_UNPADDED_ROWS`` (off / on): time at full caches
    and the bits at ragged lengths (bf16, and f16 at one shape). The switch stays off until this
    shows the same bits on the GPU and a gain.
-3. With ``--value-splits``: decode with ``DECODE_TARGET_PROGRAMS`` x1/x2/x4 (bit-neutral value
+3. With ``--merge-unroll``: ``DECODE_MERGE_UNROLL`` 1 / 4 / 8 (the merge kernel's splits written
+   out in groups; bit-neutral), time and bits (``--merge-only``: this A/B alone).
+4. With ``--value-splits``: decode with ``DECODE_TARGET_PROGRAMS`` x1/x2/x4 (bit-neutral value
    splits at more programs), time and bits.
 
-Run from the repo root: python benchmarks/decode_breakdown.py [COPY_GBS] [--ab-only] [--value-splits]
+Run from the repo root: python benchmarks/decode_breakdown.py [COPY_GBS] [--ab-only] [--merge-unroll | --merge-only] [--value-splits]
 (COPY_GBS: the copy bandwidth for the %; default 3028, the H100's of session 17.)
 """
 import statistics
@@ -72,7 +74,10 @@ def main(argv):
     copy = float(args[0]) if args else 3028.0
     pct = lambda mb, ms: 100 * mb / ms / copy  # noqa: E731
 
-    for shape in ([] if "--ab-only" in argv else
+    merge_only = "--merge-only" in argv   # the merge-unroll A/B alone
+    if merge_only and "--merge-unroll" not in argv:
+        argv = [*argv, "--merge-unroll"]
+    for shape in ([] if "--ab-only" in argv or merge_only else
                   [(8, 8192, 4, 128), (1, 8192, 1, 128), (8, 8192, 4, 256), (8, 768, 4, 256)]):
         *ops, mb = case(*shape)
         print(f"== decode B{shape[0]} cache{shape[1]} K{shape[2]} H{shape[3]} ({mb:.0f} MB of K/V)",
@@ -86,11 +91,13 @@ def main(argv):
             for n, t in ks:
                 print(f"      {t*1e3:7.1f} us  {n[:90]}")
 
-    print("== unpadded decode rows (DECODE_UNPADDED_ROWS) off / on: time (full caches), bits (ragged)",
-          flush=True)
-    for b, s, kh, h, dt in [(8, 8192, 4, 128, jnp.bfloat16), (8, 32768, 4, 128, jnp.bfloat16),
-                            (1, 8192, 1, 128, jnp.bfloat16), (8, 768, 4, 256, jnp.bfloat16),
-                            (8, 768, 4, 256, jnp.float16), (64, 8192, 4, 128, jnp.bfloat16)]:
+    unpadded_ab = [] if merge_only else [
+        (8, 8192, 4, 128, jnp.bfloat16), (8, 32768, 4, 128, jnp.bfloat16), (1, 8192, 1, 128, jnp.bfloat16),
+        (8, 768, 4, 256, jnp.bfloat16), (8, 768, 4, 256, jnp.float16), (64, 8192, 4, 128, jnp.bfloat16)]
+    if unpadded_ab:
+        print("== unpadded decode rows (DECODE_UNPADDED_ROWS) off / on: time (full caches), bits (ragged)",
+              flush=True)
+    for b, s, kh, h, dt in unpadded_ab:
         q, kc, vc, full, mb = case(b, s, kh, h, dt)
         ragged = case(b, s, kh, h, dt, ragged=True)[3]
         res = {flag: with_setting("DECODE_UNPADDED_ROWS", flag, lambda: (
@@ -101,6 +108,24 @@ def main(argv):
         print(f"  {jnp.dtype(dt).name} B{b} cache{s} K{kh} H{h}: padded {t_off*1e3:.1f} us "
               f"({pct(mb, t_off):.1f}%) unpadded {t_on*1e3:.1f} us ({pct(mb, t_on):.1f}%) "
               f"{t_off / t_on:.3f}x, ragged-length bits same={bool(np.array_equal(b_off, b_on))}", flush=True)
+
+    if "--merge-unroll" in argv:
+        print("== merge kernel unroll (DECODE_MERGE_UNROLL) 1 / 4 / 8: time (full caches), bits vs 1 "
+              "(ragged)", flush=True)
+        for b, s, kh, h, dt in [(8, 8192, 4, 128, jnp.bfloat16), (1, 32768, 1, 128, jnp.bfloat16),
+                                (1, 8192, 1, 128, jnp.bfloat16), (8, 32768, 4, 128, jnp.bfloat16),
+                                (64, 8192, 4, 128, jnp.bfloat16), (8, 8192, 4, 256, jnp.bfloat16),
+                                (8, 5000, 4, 256, jnp.float16), (2, 3000, 2, 128, jnp.float32)]:
+            q, kc, vc, full, mb = case(b, s, kh, h, dt)
+            ragged = case(b, s, kh, h, dt, ragged=True)[3]
+            line, ref = f"  {jnp.dtype(dt).name} B{b} cache{s} K{kh} H{h}:", None
+            for u in (1, 4, 8):
+                out, t = with_setting("DECODE_MERGE_UNROLL", u, lambda: (
+                    bits(jax.jit(lambda *a: default(*a))(q, kc, vc, ragged)),
+                    device_ms(lambda *a: default(*a), q, kc, vc, full, iters=10)))
+                ref = out if ref is None else ref
+                line += f" {u}: {t*1e3:.1f} us {pct(mb, t):.1f}% same={bool(np.array_equal(out, ref))} |"
+            print(line, flush=True)
 
     if "--value-splits" not in argv:
         return

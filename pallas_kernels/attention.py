@@ -727,8 +727,22 @@ def _decode_merge_kernel(*refs, num_splits, rows, gpu, overhang=False, ranged=Fa
                 masked_load(acc_ref.at[c], wide, gpu, 0.0))
         return _merge_states(total, part)
 
-    c0, c1 = _split_range(lo_ref[...], hi_ref[...]) if ranged else (0, num_splits)
-    total = lax.fori_loop(c0, c1, body, _empty_state((BLOCK_Q,), hp))
+    total = _empty_state((BLOCK_Q,), hp)
+    u = DECODE_MERGE_UNROLL
+    if ranged:
+        c0, c1 = _split_range(lo_ref[...], hi_ref[...])
+        total = lax.fori_loop(c0, c1, body, total)
+    elif u <= 1:
+        total = lax.fori_loop(0, num_splits, body, total)
+    else:   # groups of u splits written out in order (Pallas' Triton lowering has no scan unroll)
+        def group(g, t):
+            for j in range(u):
+                t = body(g * u + j, t)
+            return t
+        if num_splits // u:
+            total = lax.fori_loop(0, num_splits // u, group, total)
+        for c in range(num_splits - num_splits % u, num_splits):
+            total = body(c, total)
     out, lse = _finalize(total)
     # padding rows finalize the empty state to 0; only an overhanging block needs the mask
     _store_decode_out(o_ref, out, mask if overhang else None, gpu, overhang)
@@ -750,6 +764,14 @@ DECODE_UNPADDED_ROWS = True
 #: (``_decode_single_kernel``) instead of split + merge: the same functions on the same values, so
 #: the same bits (a switch for the A/B benchmark, results/2026-12-04-h200/s15_1_*).
 DECODE_FUSE_SINGLE_SPLIT = True
+
+#: The decode merge kernel walks the splits in groups of this many, written out one after another
+#: inside the loop body (1: one split per loop step, the form of sessions 2-20). The same merges in
+#: the same order, so the same bits; written out, the loads of a group's states need not wait for
+#: the previous merge (the merge is one program per q block: at batch 1 it is a chain of ``ns``
+#: dependent loads). A switch for the A/B (``benchmarks/decode_breakdown.py --merge-unroll``); 1
+#: until a GPU run shows its bits and a gain.
+DECODE_MERGE_UNROLL = 1
 
 #: Programs the decode split kernel aims for before it splits value columns (``decode_value_splits``):
 #: twice the H100's 132 SMs.

@@ -577,6 +577,29 @@ def _interpret_trims(dtype):
     return _backend.chosen_backend() != "gpu" and jnp.dtype(dtype) != jnp.bfloat16
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_merge_unroll_does_not_change_bits(dtype, monkeypatch):
+    """``DECODE_MERGE_UNROLL = u`` (the merge kernel's splits written out in groups of ``u`` inside
+    its loop body) merges the same states in the same order: the bits of ``u = 1`` for ``u = 2``
+    (two groups, one split left over) and ``u = 4`` (one group, one left over), over 5 splits, with
+    ragged lengths, NaN keys / inf values past them, a window that leaves the first split 28 keys
+    for the first row and empties it for the later ones, a soft cap, and two q blocks of rows
+    (T*G = 70). (Swapping the splits inside a group fails it.)"""
+    if _interpret_trims(dtype):
+        pytest.skip("interpret mode runs bf16 only (CI time); the GPU runs every dtype")
+    b, t, s = 2, 35, 4200   # 5 splits of 1024 keys
+    pre, cfg = _prepared(70, b, t, s, 4, 2, 64, dtype, qoff=s - t, ragged=True, window=3170, cap=30.0)
+    kp, vp = _garbage_past_lengths(pre[1], pre[2], pre[5])
+    pre = (pre[0], kp, vp, *pre[3:])
+    outs = {}
+    for u in (1, 2, 4):
+        monkeypatch.setattr(K, "DECODE_MERGE_UNROLL", u)
+        outs[u] = np.asarray(K.decode_call(*pre, cfg, rows=t * 2))
+    assert np.all(np.isfinite(outs[1][:, :, :t * 2].astype(np.float32))), "finite real rows"
+    for u in (2, 4):
+        assert_bits_equal(outs[u], outs[1], f"merge unroll {u} vs 1")
+
+
 def test_decode_states_for_real_rows_only():
     """``decode_call(rows=T*G)`` stores the per-split states of the real rows only (the padding
     rows of the q block read the empty state): the same output bits as storing all rows, across
