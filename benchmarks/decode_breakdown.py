@@ -85,7 +85,7 @@ def main(argv):
         for name, f in [("xla", xla_decode), ("default", default), ("mosaic", mosaic_decode_attention)]:
             ks = breakdown(f, *ops)
             tot = sum(t for _, t in ks)
-            attn = sum(t for n, t in ks if "attention" in n or "decode" in n)
+            attn = sum(t for n, t in ks if any(w in n for w in ("attention", "decode", "mosaic_gpu")))
             print(f"  {name:8s} total {tot*1e3:7.1f} us ({pct(mb, tot):5.1f}% copy); attention kernels "
                   f"{attn*1e3:7.1f} us ({pct(mb, attn) if attn else 0:5.1f}%)")
             for n, t in ks:
