@@ -7,7 +7,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false
 F="^WARNING\|^I0000\|^W0000\|^E0000"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/s21_4_device.txt"
 L=results/2026-12-07-h100/s21_4_tests.txt
-DETJAX_NODEIDS=$L timeout 570 python3 -m pytest -v -p no:cacheprovider -rfEs -n 8 \
-  $(cut -d: -f1 $L | sort -u) 2>&1 | grep -v "$F" > "$OUT/s21_4_pytest.log"
+DETJAX_NODEIDS=$L timeout 400 python3 -m pytest -v -p no:cacheprovider -rfEs -n 8 \
+  $(cut -d: -f1 $L | sort -u) 2>&1 | grep --line-buffered -v "$F" > "$OUT/s21_4_pytest.log"
 grep -c PASSED "$OUT/s21_4_pytest.log"; grep "FAILED\|ERROR" "$OUT/s21_4_pytest.log" | head -20
 tail -2 "$OUT/s21_4_pytest.log"
