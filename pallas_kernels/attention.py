@@ -728,7 +728,7 @@ def _decode_merge_kernel(*refs, num_splits, rows, gpu, overhang=False, ranged=Fa
         return _merge_states(total, part)
 
     total = _empty_state((BLOCK_Q,), hp)
-    u = DECODE_MERGE_UNROLL
+    u = DECODE_MERGE_UNROLL if gpu else 1   # interpret mode: see DECODE_MERGE_UNROLL
     if ranged:
         c0, c1 = _split_range(lo_ref[...], hi_ref[...])
         total = lax.fori_loop(c0, c1, body, total)
@@ -769,9 +769,15 @@ DECODE_FUSE_SINGLE_SPLIT = True
 #: inside the loop body (1: one split per loop step, the form of sessions 2-20). The same merges in
 #: the same order, so the same bits; written out, the loads of a group's states need not wait for
 #: the previous merge (the merge is one program per q block: at batch 1 it is a chain of ``ns``
-#: dependent loads). A switch for the A/B (``benchmarks/decode_breakdown.py --merge-unroll``); 1
-#: until a GPU run shows its bits and a gain.
-DECODE_MERGE_UNROLL = 1
+#: dependent loads). On the H100 (run s21-3, ``benchmarks/decode_breakdown.py --merge-only``) 4 and
+#: 8 gave the bits of 1 at 8 of 8 shapes (bf16, f16, f32; ragged lengths) and
+#: ``test_decode_merge_unroll_does_not_change_bits`` passed compiled for all three dtypes; 8 was
+#: 1.08-1.09x faster at batch 1 with one KV head (cache 32k: 36.9 -> 33.7 us; 8k: 24.1 -> 22.3 us),
+#: 1.02x at B8 8k, the same elsewhere. 1 restores the loop of sessions 2-20 (the A/B's baseline).
+#: GPU only: in interpret mode XLA:CPU fuses across the written-out merges and its float32 result
+#: moved (1 element of 256 at a 2049-key cache in ``test_decode_equals_prefill_across_splits``), so
+#: there the merge keeps one split per loop step, as the one-kernel prefill's merge does.
+DECODE_MERGE_UNROLL = 8
 
 #: Programs the decode split kernel aims for before it splits value columns (``decode_value_splits``):
 #: twice the H100's 132 SMs.

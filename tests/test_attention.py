@@ -577,16 +577,16 @@ def _interpret_trims(dtype):
     return _backend.chosen_backend() != "gpu" and jnp.dtype(dtype) != jnp.bfloat16
 
 
+@pytest.mark.skipif(INTERPRET, reason="the merge is written out in groups on the GPU only")
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_decode_merge_unroll_does_not_change_bits(dtype, monkeypatch):
+def test_gpu_decode_merge_unroll_does_not_change_bits(dtype, monkeypatch):
     """``DECODE_MERGE_UNROLL = u`` (the merge kernel's splits written out in groups of ``u`` inside
     its loop body) merges the same states in the same order: the bits of ``u = 1`` for ``u = 2``
     (two groups, one split left over) and ``u = 4`` (one group, one left over), over 5 splits, with
     ragged lengths, NaN keys / inf values past them, a window that leaves the first split 28 keys
     for the first row and empties it for the later ones, a soft cap, and two q blocks of rows
-    (T*G = 70). (Swapping the splits inside a group fails it.)"""
-    if _interpret_trims(dtype):
-        pytest.skip("interpret mode runs bf16 only (CI time); the GPU runs every dtype")
+    (T*G = 70). (Swapping the splits inside a group fails it: checked in interpret mode, before
+    interpret mode stopped writing the merge out.) Passed on the H100 for all three dtypes (s21-5)."""
     b, t, s = 2, 35, 4200   # 5 splits of 1024 keys
     pre, cfg = _prepared(70, b, t, s, 4, 2, 64, dtype, qoff=s - t, ragged=True, window=3170, cap=30.0)
     kp, vp = _garbage_past_lengths(pre[1], pre[2], pre[5])
