@@ -124,9 +124,11 @@ def _first_rank(item):
 
 def pytest_collection_modifyitems(config, items):
     """Long modules first (``FIRST``); ``DETJAX_NODEIDS=FILE`` keeps only the tests whose node ids
-    are lines of FILE (to rerun the tests a cut GPU call left unfinished: pass their files as the
-    arguments; parametrized ids on the command line gave 0 items under xdist on the GPU machine's
-    pytest 9.1); then ``DETJAX_SHARD=i/n`` keeps every n-th collected test starting at the i-th
+    are lines of FILE (to rerun the tests a cut call left unfinished: pass their files as the
+    arguments). On the GPU machine (pytest 9.1.1, xdist 3.8) neither this under ``-n 8`` (run s21-4:
+    an INTERNALERROR in xdist's scheduler) nor parametrized ids on the command line under ``-n 8``
+    (s21-2: 0 items) worked; both work here, with and without xdist. There, use ``-k`` or
+    ``DETJAX_SHARD``. ``DETJAX_SHARD=i/n`` keeps every n-th collected test starting at the i-th
     (0-based), so a GPU suite that exceeds one call's time limit can run in n calls
     (``scripts/gpu_suite.sh``)."""
     items.sort(key=_first_rank)   # stable: the collection order otherwise
