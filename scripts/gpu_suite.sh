@@ -4,6 +4,7 @@
 # Env: BENCH="matmul,rows,attn" (what to benchmark; default matmul,rows; empty skips), BENCH_ARGS
 #      (extra flags), GPU_WORKERS (xdist workers for the default test set; 0: one process),
 #      DETJAX_SHARD=i/n (run every n-th test from the i-th: the suite in n calls; see tests/conftest.py),
+#      DECODE_BANDWIDTH=1 (also benchmarks/decode_bandwidth.py: decode as % of copy),
 #      DECODE_BREAKDOWN=1 (also benchmarks/decode_breakdown.py, with DECODE_BREAKDOWN_ARGS).
 # Writes logs under $OUT (device tool) or ./.gpu_out.
 set -uo pipefail
@@ -42,6 +43,9 @@ test_rc=${PIPESTATUS[0]}
 BENCH=${BENCH-matmul,rows}
 if [ -n "$BENCH" ]; then
   $PY benchmarks/bench_kernels.py --only "$BENCH" --json "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.txt"
+fi
+if [ -n "${DECODE_BANDWIDTH:-}" ]; then   # the attention issue's decode grid as % of copy
+  $PY benchmarks/decode_bandwidth.py 2>&1 | tee "$OUT/decode_bandwidth.txt"
 fi
 if [ -n "${DECODE_BREAKDOWN:-}" ]; then   # per-kernel decode times and the unpadded-rows A/B
   $PY benchmarks/decode_breakdown.py ${DECODE_BREAKDOWN_ARGS:-} 2>&1 | tee "$OUT/decode_breakdown.txt"
