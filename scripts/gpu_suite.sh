@@ -52,4 +52,5 @@ if [ -n "${DECODE_BREAKDOWN:-}" ]; then   # per-kernel decode times and the unpa
 fi
 echo; echo "== summary =="; tail -n 1 "$OUT/pytest.log"
 [ -n "$BENCH" ] && sed -n '/^device:/,$p' "$OUT/bench.txt"
+[ -n "${DECODE_BANDWIDTH:-}" ] && tail -n 3 "$OUT/decode_bandwidth.txt"
 exit $test_rc
