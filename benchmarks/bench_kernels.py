@@ -11,6 +11,7 @@ Ratio = XLA time / detjax time (> 1: detjax faster).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -32,6 +33,25 @@ def bits(x):
     """Bit patterns of a 2- or 4-byte array (for bitwise comparisons of outputs)."""
     x = np.asarray(x)
     return x.view(np.uint16 if x.dtype.itemsize == 2 else np.uint32)
+
+
+@contextlib.contextmanager
+def kernel_settings(**settings):
+    """Set module-level switches of ``pallas_kernels.attention`` (e.g. ``DECODE_UNPADDED_ROWS=True``)
+    for the ``with`` block, then restore them. jax's caches are cleared on both sides: the ops'
+    inner ``jax.jit`` would otherwise reuse the trace of the first setting (a fresh outer function
+    does not retrace it), and an A/B would time one form twice."""
+    from pallas_kernels import attention as _k
+    old = {name: getattr(_k, name) for name in settings}   # AttributeError for a misspelt switch
+    for name, value in settings.items():
+        setattr(_k, name, value)
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            setattr(_k, name, value)
+        jax.clear_caches()
 
 
 def device_ms(f, *args, iters=20):

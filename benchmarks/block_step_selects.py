@@ -32,9 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.bench_attention import decode_case, xla_decode
-from benchmarks.bench_kernels import bits, copy_bandwidth_gbs, device_ms
+from benchmarks.bench_kernels import bits, copy_bandwidth_gbs, device_ms, kernel_settings
 from detjax.ops._attention import attention, decode_attention
-from pallas_kernels import attention as _k
 
 VARIANTS = [("selects", True, True), ("no acc select", False, True), ("no selects", False, False)]
 PREFILL = [(1, 2048, 128, 4), (8, 2048, 128, 4), (1, 8192, 128, 4), (8, 8192, 128, 4),
@@ -46,15 +45,12 @@ DECODE = [(8, 8192, 4, 128), (64, 8192, 4, 128), (8, 32768, 4, 128), (8, 8192, 4
 
 def run_variants(f, args, iters, timed):
     """[(ms or None, output)] per variant; the kernels are retraced for each (cleared caches)."""
-    out, default = [], (_k.BLOCK_STEP_SELECT_ACC, _k.BLOCK_STEP_SELECT_P)
+    out = []
     for _, acc, p in VARIANTS:
-        _k.BLOCK_STEP_SELECT_ACC, _k.BLOCK_STEP_SELECT_P = acc, p
-        jax.clear_caches()
-        y = jax.block_until_ready(jax.jit(f)(*args))
-        ms = device_ms(f, *args, iters=iters) if timed else None
+        with kernel_settings(BLOCK_STEP_SELECT_ACC=acc, BLOCK_STEP_SELECT_P=p):
+            y = jax.block_until_ready(jax.jit(f)(*args))
+            ms = device_ms(f, *args, iters=iters) if timed else None
         out.append((ms, y))
-    _k.BLOCK_STEP_SELECT_ACC, _k.BLOCK_STEP_SELECT_P = default
-    jax.clear_caches()
     return out
 
 

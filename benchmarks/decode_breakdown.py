@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.bench_attention import decode_case, xla_decode
-from benchmarks.bench_kernels import bits, device_ms
+from benchmarks.bench_kernels import bits, device_ms, kernel_settings
 from detjax.experimental import mosaic_decode_attention
 from detjax.ops._attention import decode_attention
 from pallas_kernels import attention as _k
@@ -53,17 +53,9 @@ def default(q, kc, vc, lengths):
 
 
 def with_setting(name, value, fn):
-    """``fn()`` with ``pallas_kernels.attention.<name> = value`` (traced afresh), then restored.
-    The caches are cleared on both sides: ``decode_attention``'s inner ``jax.jit`` would otherwise
-    reuse the trace of the first setting (a fresh outer lambda does not retrace it)."""
-    old = getattr(_k, name)
-    setattr(_k, name, value)
-    jax.clear_caches()
-    try:
+    """``fn()`` with ``pallas_kernels.attention.<name> = value`` (traced afresh), then restored."""
+    with kernel_settings(**{name: value}):
         return fn()
-    finally:
-        setattr(_k, name, old)
-        jax.clear_caches()
 
 
 def main(argv):
