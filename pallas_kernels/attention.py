@@ -771,7 +771,7 @@ DECODE_FUSE_SINGLE_SPLIT = True
 #: the previous merge (the merge is one program per q block: at batch 1 it is a chain of ``ns``
 #: dependent loads). On the H100 (run s21-3, ``benchmarks/decode_breakdown.py --merge-only``) 4 and
 #: 8 gave the bits of 1 at 8 of 8 shapes (bf16, f16, f32; ragged lengths) and
-#: ``test_decode_merge_unroll_does_not_change_bits`` passed compiled for all three dtypes; 8 was
+#: ``test_gpu_decode_merge_unroll_does_not_change_bits`` passed for all three dtypes; 8 was
 #: 1.08-1.09x faster at batch 1 with one KV head (cache 32k: 36.9 -> 33.7 us; 8k: 24.1 -> 22.3 us),
 #: 1.02x at B8 8k, the same elsewhere. 1 restores the loop of sessions 2-20 (the A/B's baseline).
 #: GPU only: in interpret mode XLA:CPU fuses across the written-out merges and its float32 result
