@@ -52,10 +52,22 @@ def default(q, kc, vc, lengths):
     return decode_attention(q, kc, vc, lengths)
 
 
-def with_setting(name, value, fn):
-    """``fn()`` with ``pallas_kernels.attention.<name> = value`` (traced afresh), then restored."""
+def bits_and_time(name, value, q, kc, vc, bit_lengths, time_lengths):
+    """With ``pallas_kernels.attention.<name> = value`` (traced afresh, then restored): the default
+    decode's output bits at ``bit_lengths`` and its device time (ms) at ``time_lengths``."""
     with kernel_settings(**{name: value}):
-        return fn()
+        return (bits(jax.jit(lambda *a: default(*a))(q, kc, vc, bit_lengths)),
+                device_ms(lambda *a: default(*a), q, kc, vc, time_lengths, iters=10))
+
+
+def sweep_line(label, name, values, q, kc, vc, bit_lengths, time_lengths, pct):
+    """One printed line: time, % of copy and bits (against the first value's) per setting value."""
+    line, ref = label, None
+    for value in values:
+        out, t = bits_and_time(name, value, q, kc, vc, bit_lengths, time_lengths)
+        ref = out if ref is None else ref
+        line += f" {value}: {t*1e3:.1f} us {pct(t):.1f}% same={bool(np.array_equal(out, ref))} |"
+    print(line, flush=True)
 
 
 def main(argv):
@@ -92,9 +104,7 @@ def main(argv):
     for b, s, kh, h, dt in unpadded_ab:
         q, kc, vc, full, mb = case(b, s, kh, h, dt)
         ragged = case(b, s, kh, h, dt, ragged=True)[3]
-        res = {flag: with_setting("DECODE_UNPADDED_ROWS", flag, lambda: (
-                   bits(jax.jit(lambda *a: default(*a))(q, kc, vc, ragged)),
-                   device_ms(lambda *a: default(*a), q, kc, vc, full, iters=10)))
+        res = {flag: bits_and_time("DECODE_UNPADDED_ROWS", flag, q, kc, vc, ragged, full)
                for flag in (False, True)}
         (b_off, t_off), (b_on, t_on) = res[False], res[True]
         print(f"  {jnp.dtype(dt).name} B{b} cache{s} K{kh} H{h}: padded {t_off*1e3:.1f} us "
@@ -110,14 +120,8 @@ def main(argv):
                                 (8, 5000, 4, 256, jnp.float16), (2, 3000, 2, 128, jnp.float32)]:
             q, kc, vc, full, mb = case(b, s, kh, h, dt)
             ragged = case(b, s, kh, h, dt, ragged=True)[3]
-            line, ref = f"  {jnp.dtype(dt).name} B{b} cache{s} K{kh} H{h}:", None
-            for u in (1, 4, 8):
-                out, t = with_setting("DECODE_MERGE_UNROLL", u, lambda: (
-                    bits(jax.jit(lambda *a: default(*a))(q, kc, vc, ragged)),
-                    device_ms(lambda *a: default(*a), q, kc, vc, full, iters=10)))
-                ref = out if ref is None else ref
-                line += f" {u}: {t*1e3:.1f} us {pct(mb, t):.1f}% same={bool(np.array_equal(out, ref))} |"
-            print(line, flush=True)
+            sweep_line(f"  {jnp.dtype(dt).name} B{b} cache{s} K{kh} H{h}:", "DECODE_MERGE_UNROLL",
+                       (1, 4, 8), q, kc, vc, ragged, full, lambda t, mb=mb: pct(mb, t))
 
     if "--value-splits" not in argv:
         return
@@ -126,15 +130,9 @@ def main(argv):
     base = _k.DECODE_TARGET_PROGRAMS
     for shape in [(8, 8192, 4, 128), (8, 32768, 4, 128), (1, 32768, 4, 128), (1, 8192, 1, 128),
                   (8, 8192, 4, 256)]:
-        *ops, mb = case(*shape)
-        line, ref = f"  B{shape[0]} cache{shape[1]} K{shape[2]} H{shape[3]}:", None
-        for target in (base, 2 * base, 4 * base):
-            out, t = with_setting("DECODE_TARGET_PROGRAMS", target, lambda: (
-                bits(jax.jit(lambda *a: default(*a))(*ops)),
-                device_ms(lambda *a: default(*a), *ops, iters=10)))
-            ref = out if ref is None else ref
-            line += f" {target}: {t*1e3:.1f} us {pct(mb, t):.1f}% same={bool(np.array_equal(out, ref))} |"
-        print(line, flush=True)
+        q, kc, vc, full, mb = case(*shape)
+        sweep_line(f"  B{shape[0]} cache{shape[1]} K{shape[2]} H{shape[3]}:", "DECODE_TARGET_PROGRAMS",
+                   (base, 2 * base, 4 * base), q, kc, vc, full, full, lambda t, mb=mb: pct(mb, t))
 
 
 if __name__ == "__main__":
