@@ -139,10 +139,7 @@ def pytest_collection_modifyitems(config, items):
         missing = wanted - {it.nodeid for it in items}
         if missing:
             raise pytest.UsageError(f"DETJAX_NODEIDS={listed!r}: not collected: {sorted(missing)[:5]}")
-        dropped = [it for it in items if it.nodeid not in wanted]
-        if dropped:
-            config.hook.pytest_deselected(items=dropped)
-        items[:] = [it for it in items if it.nodeid in wanted]
+        _keep(config, items, [it.nodeid in wanted for it in items])
     shard = os.environ.get("DETJAX_SHARD")
     if not shard:
         return
@@ -152,8 +149,12 @@ def pytest_collection_modifyitems(config, items):
             raise ValueError
     except ValueError:
         raise pytest.UsageError(f"DETJAX_SHARD={shard!r}: expected 'i/n' with 0 <= i < n") from None
-    keep = [it for k, it in enumerate(items) if k % n == i]
-    dropped = [it for k, it in enumerate(items) if k % n != i]
+    _keep(config, items, [k % n == i for k in range(len(items))])
+
+
+def _keep(config, items, flags):
+    """Keep ``items[k]`` where ``flags[k]``, in order; report the rest as deselected."""
+    dropped = [it for it, f in zip(items, flags) if not f]
     if dropped:
         config.hook.pytest_deselected(items=dropped)
-    items[:] = keep
+    items[:] = [it for it, f in zip(items, flags) if f]
