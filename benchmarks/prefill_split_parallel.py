@@ -21,10 +21,11 @@ the output and the ``lse`` the backward pass needs), and checks that the split-p
 ``lse`` are bitwise the prefill kernel's (also with a window, soft cap, ragged lengths
 and f16). GPU for the timings; on CPU it runs the bit checks at small shapes in interpret mode.
 
-Run from the repo root: python benchmarks/prefill_split_parallel.py [--iters N] [--quick | --lean | --h64]
-(``--quick``: the four head-dim-128 shapes; ``--lean``: the T = 8192 shapes and B8 T2048 H256, the
-one-kernel and the split-parallel prefill only; ``--h64``: the same two columns at the head-dim-64
-shapes.)
+Run from the repo root: python benchmarks/prefill_split_parallel.py [--iters N] [--quick | --lean | --h64
+| --configs] (``--quick``: the four head-dim-128 shapes; ``--lean``: the T = 8192 shapes and B8
+T2048 H256, the one-kernel and the split-parallel prefill only; ``--h64``: the same two columns at
+the head-dim-64 shapes; ``--configs``: the split-parallel prefill at the head-dim-128/256 shapes
+under other (warps, stages) of its kernels, ``CONFIGS``, with the bits against the default's.)
 """
 import sys
 
@@ -42,6 +43,58 @@ SHAPES = [  # (B, T, H, K); N = 8, causal, T = S
     # head dim 64 keeps the one-kernel prefill (not in PREFILL_SPLIT_PARALLEL_HEAD_DIMS): not yet timed
     (8, 2048, 64, 4), (1, 8192, 64, 4),
 ]
+
+
+#: ``--configs``: (num_warps, num_stages) of the split and merge kernels tried per head dim; the first
+#: is ``gpu_config``'s default for bf16. Warps >= 4 and the stages were measured bit-neutral for the
+#: decode kernels (``gpu_config``); the sweep checks the bits again.
+CONFIGS = {128: [(4, 2), (4, 3), (4, 4), (8, 2), (8, 3)], 256: [(8, 2), (4, 2), (8, 3), (8, 1)]}
+
+
+def with_kernel_config(f, config):
+    """``f`` traced and compiled with the decode kernels' ``gpu_config`` replaced by ``config``."""
+    def run(*args):
+        old = _k.gpu_config
+        _k.gpu_config = lambda hp, kernel="prefill", dtype=None: (
+            config if kernel == "decode" else old(hp, kernel, dtype))
+        jax.clear_caches()
+        try:
+            ms = device_ms(f, *args, iters=ITERS[0])
+            out = jax.block_until_ready(jax.jit(f)(*args))
+        finally:
+            _k.gpu_config = old
+            jax.clear_caches()
+        return ms, out
+    return run
+
+
+ITERS = [10]
+
+
+def config_sweep(iters):
+    """The ``--configs`` table: split-parallel prefill time per (warps, stages), and its bits."""
+    ITERS[0] = iters
+    ok = True
+    print("== split-parallel prefill, causal bf16, N = 8: (warps, stages) of its kernels "
+          "(ms; ratio = cuDNN / this) ==")
+    for b, t, h, kh in [x for x in SHAPES if x[2] in CONFIGS]:
+        (q, k, v), prep, cfg = operands(jax.random.key(1), b, t, h, kh)
+        t_cudnn = device_ms(lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, implementation="cudnn"), q, k, v, iters=iters)
+        cells, ref = [], None
+        for config in CONFIGS[h]:
+            try:
+                ms, out = with_kernel_config(split_parallel(cfg), config)(*prep)
+            except Exception as e:  # a configuration may not compile (shared memory): report, go on
+                cells.append(f"{config}: {type(e).__name__}")
+                continue
+            if ref is None:
+                ref = out
+            same = all(np.array_equal(bits(x), bits(y)) for x, y in zip(out, ref))
+            ok &= same
+            cells.append(f"{config}: {ms:.4f} ({t_cudnn / ms:4.2f}x){'' if same else ' DIFFER'}")
+        print(f"B{b} T{t} H{h} K{kh} cuDNN {t_cudnn:.4f}: " + "; ".join(cells), flush=True)
+    return ok
 
 
 def operands(key, b, t, h, kh, dtype=jnp.bfloat16, n=8, lengths=None, window=None, cap=None):
@@ -98,6 +151,8 @@ def main(argv):
     iters = int(argv[argv.index("--iters") + 1]) if "--iters" in argv else 10
     gpu = jax.default_backend() == "gpu"
     print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}")
+    if "--configs" in argv and gpu:   # the sweep checks its own bits (against the default config)
+        return 0 if config_sweep(iters) else 1
     print("== bits: split-parallel = one-kernel prefill (output and lse) ==")
     checks = bit_checks(small=not gpu)
     for name, same in checks:
