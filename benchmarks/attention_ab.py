@@ -13,8 +13,9 @@ variant's (the reference form):
 
 CUPTI device time (``bench_kernels.device_ms``: a compile call, a warm-up call, median of
 ``iters``), random normal inputs, one process. Off the GPU (interpret mode) ``main`` runs the bit
-check of ``cpu_case`` only. Used by ``benchmarks/block_step_selects.py`` and
-``benchmarks/interior_mask.py``.
+check of ``cpu_case`` only. Used by ``benchmarks/block_step_selects.py``; session 22's
+``INTERIOR_BLOCKS`` A/B (``benchmarks/interior_mask.py`` at commit 3aea547, run s22-1 in
+``results/README.md``) ran through it too.
 """
 import sys
 

@@ -312,52 +312,13 @@ def _empty_state(lead_shape, hp):
             jnp.zeros(lead_shape + (hp,), jnp.float32))
 
 
-def _logits(q, k, kidx, lo, hi, cfg: AttnConfig, interior=None):
-    """Masked logits ``[..., rows, 64]`` and the validity mask. ``kidx``: ``[64]`` absolute keys.
-
-    ``interior`` (``INTERIOR_BLOCKS``): the block lies inside every counted row's interval, so the
-    row mask is all true; ``"unmasked"`` drops the select, ``"column"`` keeps one select on a
-    per-key condition that holds there (``kidx < interior``, the interior's end), with no per-row
-    compare. Either is the same arithmetic for a valid key *unless* the compiler contracts the
-    logit's last multiply with the max's subtraction once no select stands between them
-    (``exp(s * scale - m)`` with one FMA): with a soft cap XLA:CPU does (``cap * tanh(.) - m``
-    moved bits in interpret mode), so soft-capped logits always keep the column select; a GPU A/B
-    (``benchmarks/interior_mask.py``) decides whether a form keeps the bits there."""
+def _logits(q, k, kidx, lo, hi, cfg: AttnConfig):
+    """Masked logits ``[..., rows, 64]`` and the validity mask. ``kidx``: ``[64]`` absolute keys."""
     s = _dot_nt(q, k, _precision(q.dtype)) * cfg.scale
     if cfg.soft_cap is not None:
         s = cfg.soft_cap * jnp.tanh(s / cfg.soft_cap)
-    if interior is not None:
-        valid = jnp.broadcast_to(True, s.shape)
-        if INTERIOR_BLOCKS == "column" or cfg.soft_cap is not None:
-            s = jnp.where((kidx < interior)[None, :], s, -jnp.inf)
-        return s, valid
     valid = (kidx >= lo[..., None]) & (kidx < hi[..., None])
     return jnp.where(valid, s, -jnp.inf), valid
-
-
-#: How the plain fold treats *interior* KV blocks (inside the key interval of every counted row of
-#: the q block: the causal prefill's blocks left of the diagonal, a decode step's full blocks):
-#: ``"masked"`` (sessions 1-21: the per-element row mask like every block), ``"unmasked"`` or
-#: ``"column"`` (see ``_logits``). A speed choice that may not change a bit: read at trace time;
-#: ``benchmarks/interior_mask.py`` is the GPU A/B and ``test_interior_blocks_do_not_change_bits``
-#: the test. float32 keys/values keep ``"masked"`` (not part of the A/B: their FMA-dot kernels take
-#: minutes to compile on the GPU).
-INTERIOR_BLOCKS = "masked"
-INTERIOR_BLOCK_FORMS = ("masked", "unmasked", "column")
-
-
-def _interior_range(lo, hi, b0, b1, counted=None):
-    """``[f0, f1)`` within ``[b0, b1)``: the blocks inside the interval of every counted row
-    (``counted``: ``[rows]`` bool, ``None`` for every row). An empty counted row makes the range
-    empty (``max lo >= min hi``), so such rows keep the exact 0 of the masked fold; rows not counted
-    (a decode q block's padding past ``rows``, never stored) may fold an interior block unmasked."""
-    if counted is not None:
-        lo = jnp.where(counted, lo, 0)
-        hi = jnp.where(counted, hi, _BIG)
-    f0 = lax.div(jnp.max(lo) + (BLOCK_K - 1), BLOCK_K)   # lo, hi >= 0 (``row_bounds``)
-    f1 = lax.div(jnp.min(hi), BLOCK_K)
-    f0 = jnp.clip(f0, b0, b1)
-    return f0, jnp.clip(f1, f0, b1)
 
 
 def _nan_max(a, b):
@@ -539,7 +500,7 @@ def _load_kv_block(k_ref, v_ref, j, kv_len=None):
     return jnp.where(ok, k, jnp.zeros_like(k)), jnp.where(ok, v, jnp.zeros_like(v)), kidx
 
 
-def _split_state(q, k_ref, v_ref, lo, hi, kv_len, b0, b1, cfg, counted=None):
+def _split_state(q, k_ref, v_ref, lo, hi, kv_len, b0, b1, cfg):
     """Online softmax over blocks ``[b0, b1)`` (ascending) from the empty state.
 
     The blocks are first folded with plain ``p @ v`` dots. Only if the split's accumulator comes out
@@ -555,20 +516,13 @@ def _split_state(q, k_ref, v_ref, lo, hi, kv_len, b0, b1, cfg, counted=None):
     fold). (That f32 difference may have had the cause ``_add_pv`` describes; it was not re-measured.)
     """
     mask_len = kv_len if k_ref.dtype == jnp.float32 else None
-    split_interior = INTERIOR_BLOCKS != "masked" and k_ref.dtype != jnp.float32
 
     def fold(guarded):
-        def body(j, state, interior=None):
+        def body(j, state):
             k, v, kidx = _load_kv_block(k_ref, v_ref, j, mask_len)
-            s, valid = _logits(q, k, kidx, lo, hi, cfg, interior)
+            s, valid = _logits(q, k, kidx, lo, hi, cfg)
             return _block_step(state, s, valid, v, guarded)
-        init = _empty_state((q.shape[0],), v_ref.shape[-1])
-        if guarded or not split_interior:   # the guarded fold (rare) masks every block
-            return lax.fori_loop(b0, b1, body, init)
-        f0, f1 = _interior_range(lo, hi, b0, b1, counted)
-        state = lax.fori_loop(b0, f0, body, init)
-        state = lax.fori_loop(f0, f1, functools.partial(body, interior=f1 * BLOCK_K), state)
-        return lax.fori_loop(f1, b1, body, state)
+        return lax.fori_loop(b0, b1, body, _empty_state((q.shape[0],), v_ref.shape[-1]))
 
     state = fold(False)
     acc_finite = jnp.min(jnp.where(jnp.abs(state[2]) < jnp.inf, 1, 0)) > 0
@@ -721,8 +675,8 @@ def _decode_split_kernel(lo_ref, hi_ref, kvl_ref, q_ref, k_ref, v_ref, m_ref, l_
     blk_start, blk_end = _block_range(lo, hi)
     b0 = jnp.maximum(blk_start, c * BLOCKS_PER_SPLIT)
     b1 = jnp.minimum(blk_end, (c + 1) * BLOCKS_PER_SPLIT)
+    m, l, acc = _split_state(q, k_ref, v_ref, lo, hi, kv_len, b0, b1, cfg)
     mask = _state_rows_mask(rows)
-    m, l, acc = _split_state(q, k_ref, v_ref, lo, hi, kv_len, b0, b1, cfg, counted=mask)
     wide = None if mask is None else mask[:, None]
 
     def store():
@@ -749,7 +703,7 @@ def _decode_single_kernel(lo_ref, hi_ref, kvl_ref, q_ref, k_ref, v_ref, o_ref, *
     blk_start, blk_end = _block_range(lo, hi)
     b0 = jnp.maximum(blk_start, 0)
     b1 = jnp.minimum(blk_end, BLOCKS_PER_SPLIT)
-    part = _split_state(q, k_ref, v_ref, lo, hi, kv_len, b0, b1, cfg, counted=_state_rows_mask(rows))
+    part = _split_state(q, k_ref, v_ref, lo, hi, kv_len, b0, b1, cfg)
     out, lse = _finalize(_merge_states(_empty_state((q.shape[0],), part[2].shape[-1]), part))
     _store_decode_out(o_ref, out, _state_rows_mask(rows), gpu, overhang)
     _store_lse(lse_ref, lse, _state_rows_mask(rows), gpu, overhang)

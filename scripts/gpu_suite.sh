@@ -5,8 +5,7 @@
 #      (extra flags), GPU_WORKERS (xdist workers for the default test set; 0: one process),
 #      DETJAX_SHARD=i/n (run every n-th test from the i-th: the suite in n calls; see tests/conftest.py),
 #      DECODE_BANDWIDTH=1 (also benchmarks/decode_bandwidth.py: decode as % of copy),
-#      DECODE_BREAKDOWN=1 (also benchmarks/decode_breakdown.py, with DECODE_BREAKDOWN_ARGS),
-#      INTERIOR_MASK=1 (also benchmarks/interior_mask.py: the INTERIOR_BLOCKS A/B, time and bits).
+#      DECODE_BREAKDOWN=1 (also benchmarks/decode_breakdown.py, with DECODE_BREAKDOWN_ARGS).
 # Writes logs under $OUT (device tool) or ./.gpu_out.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -50,9 +49,6 @@ if [ -n "${DECODE_BANDWIDTH:-}" ]; then   # the attention issue's decode grid as
 fi
 if [ -n "${DECODE_BREAKDOWN:-}" ]; then   # per-kernel decode times and the unpadded-rows A/B
   $PY benchmarks/decode_breakdown.py ${DECODE_BREAKDOWN_ARGS:-} 2>&1 | tee "$OUT/decode_breakdown.txt"
-fi
-if [ -n "${INTERIOR_MASK:-}" ]; then   # interior KV blocks without the row mask: time and bits
-  $PY benchmarks/interior_mask.py 2>&1 | tee "$OUT/interior_mask.txt"
 fi
 echo; echo "== summary =="; tail -n 1 "$OUT/pytest.log"
 [ -n "$BENCH" ] && sed -n '/^device:/,$p' "$OUT/bench.txt"

@@ -784,54 +784,6 @@ def test_block_step_selects_do_not_change_bits(dtype, monkeypatch):
         assert_bits_equal(np.where(np.isnan(a), 0, a), np.where(np.isnan(r), 0, r), name)
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_interior_blocks_do_not_change_bits(dtype, monkeypatch):
-    """``INTERIOR_BLOCKS``: folding the blocks inside every row's interval without the per-row mask
-    (``"unmasked"``; ``"column"``: one per-key select) gives the masked fold's bits: prefill (one
-    kernel and split-parallel, output and lse) and multi-token decode over q blocks whose rows cover
-    different intervals (a window, GQA rows of several tokens, ragged lengths with NaN keys / inf
-    values past them, a soft cap), and one-token decode through ``decode_attention`` with ragged
-    lengths (a length-0 row, lengths on and off block edges; its padding rows are not counted).
-    A too-wide interior (every block unmasked) fails it: the masked keys then reach the rows."""
-    cases = [dict(b=2, t=70, s=1100, n=4, kh=2, h=64, qoff=1030, ragged=True, window=300),
-             dict(b=1, t=20, s=2100, n=4, kh=1, h=128, qoff=2080, window=900, cap=50.0)]
-    if _interpret_trims(dtype):
-        cases = cases[:1]
-    if _backend.chosen_backend() == "gpu":
-        cases.append(dict(b=2, t=130, s=2200, n=8, kh=2, h=256, qoff=2070, ragged=True, window=1500))
-    forms = [f for f in K.INTERIOR_BLOCK_FORMS if f != "masked"]
-
-    def run(args, cfg, form):
-        monkeypatch.setattr(K, "INTERIOR_BLOCKS", form)
-        return (*K.attention_fwd_call(*args, cfg), *K.decode_call(*args, cfg, with_lse=True))
-
-    names = ("prefill output", "prefill lse", "split-parallel output", "split-parallel lse")
-    for i, kw in enumerate(cases):
-        (qp, kp, vp, lo, hi, kvl), cfg = _prepared(350 + i, dtype=dtype, **kw)
-        if kw.get("ragged"):
-            kp, vp = _garbage_past_lengths(kp, vp, kvl)
-        args = (qp, kp, vp, lo, hi, kvl)
-        ref = run(args, cfg, "masked")
-        assert np.all(np.isfinite(np.asarray(ref[0], np.float32)))
-        for form in forms:
-            for a, r, name in zip(run(args, cfg, form), ref, names):
-                assert_bits_equal(a, r, f"case {i}, interior {form}: {name}")
-    b, s, h = 4, 2100, 128
-    q, kc, vc = qkv(360, b, 1, s, 8, 2, h, dtype)
-    lengths = jnp.array([2100, 1089, 0, 64], jnp.int32)
-    tail = jnp.arange(s)[None, :, None, None] >= lengths[:, None, None, None]
-    kc, vc = jnp.where(tail, jnp.nan, kc), jnp.where(tail, jnp.inf, vc)
-    outs = {}
-    for form in K.INTERIOR_BLOCK_FORMS:
-        monkeypatch.setattr(K, "INTERIOR_BLOCKS", form)
-        jax.clear_caches()   # the op's jit would reuse the first form's trace
-        outs[form] = decode_attention(q, kc, vc, lengths, logits_soft_cap=30.0)
-    jax.clear_caches()
-    assert not np.any(np.asarray(outs["masked"][2], np.float32))   # length 0: exactly 0
-    for form in forms:
-        assert_bits_equal(outs[form], outs["masked"], f"one-token decode, interior {form}")
-
-
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 def test_decode_single_split_kernel_gives_the_two_kernel_bits(dtype, monkeypatch):
     """A cache of at most one 1024-key split decodes in one kernel (``DECODE_FUSE_SINGLE_SPLIT``):
