@@ -5,6 +5,6 @@
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false
 F="^WARNING\|^I0000\|^W0000\|^E0000"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/s22_3_device.txt"
-timeout 560 python3 benchmarks/prefill_split_parallel.py --configs 2>&1 | grep --line-buffered -v "$F" \
+timeout $((540 - SECONDS)) python3 benchmarks/prefill_split_parallel.py --configs 2>&1 | grep --line-buffered -v "$F" \
   > "$OUT/s22_3_configs.txt"
 cat "$OUT/s22_3_configs.txt"
