@@ -741,8 +741,9 @@ def test_block_step_selects_do_not_change_bits(dtype, monkeypatch):
     off) gives the bits of the selecting form: prefill (one kernel and split-parallel, output and
     lse) and decode, where rows of one q block cover different intervals (GQA rows of several
     tokens, a window, ragged lengths with NaN keys / inf values past them, soft cap), so rows fold
-    blocks in which they have no valid key; head dims 64 and 128 (256 on the GPU; interpret mode
-    runs head dim 128 for bf16 only); a row whose query holds a NaN is NaN in every form."""
+    blocks in which they have no valid key; head dims 64 and 128 (256 on the GPU for bf16/f16;
+    interpret mode runs head dim 128 for bf16 only); a row whose query holds a NaN is NaN in every
+    form."""
     cases = [dict(b=2, t=70, s=1100, n=4, kh=2, h=64, qoff=1030, ragged=True, window=300),
              dict(b=1, t=20, s=2100, n=4, kh=1, h=128, qoff=2080, window=900, cap=50.0)]
     # the default form; the GPU checks every form for bf16/f16 (float32's FMA-dot kernels take
@@ -750,10 +751,11 @@ def test_block_step_selects_do_not_change_bits(dtype, monkeypatch):
     forms = ((False, False),)
     if _interpret_trims(dtype):
         cases = cases[:1]
-    if _backend.chosen_backend() == "gpu":
+    if _backend.chosen_backend() == "gpu" and dtype != jnp.float32:
+        # float32 on the GPU keeps the head-dim-64/128 cases: with the head-dim-256 case as well it
+        # did not finish in 430 s alone (H100 run s22-4), more than a device call leaves for it
         cases.append(dict(b=2, t=130, s=2200, n=8, kh=2, h=256, qoff=2070, ragged=True, window=1500))
-        if dtype != jnp.float32:
-            forms = ((False, True), (False, False), (True, False))
+        forms = ((False, True), (False, False), (True, False))
 
     def run(args, cfg, acc, p):
         monkeypatch.setattr(K, "BLOCK_STEP_SELECT_ACC", acc)
