@@ -1,7 +1,7 @@
 """A/B driver for the attention kernels' bit-neutral switches: times and bits of each variant.
 
 A *switch* is a module-level setting of ``pallas_kernels.attention`` read at trace time (e.g.
-``BLOCK_STEP_SELECT_P``, ``INTERIOR_BLOCKS``); a *variant* is a name and the settings it takes
+``BLOCK_STEP_SELECT_P``, ``DECODE_MERGE_UNROLL``); a *variant* is a name and the settings it takes
 (``bench_kernels.kernel_settings``, which clears jax's caches so every variant is traced anew).
 For each shape the driver times every variant and compares its output bits with the first
 variant's (the reference form):

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.bench_kernels import bits, device_ms
+from benchmarks.bench_kernels import bits, device_ms, kernel_settings
 from pallas_kernels import attention as _k
 
 SHAPES = [  # (B, T, H, K); N = 8, causal, T = S
@@ -54,29 +54,22 @@ LEAN_SHAPES = [x for x in SHAPES if x[1] == 8192 and x[2] > 64] + [(8, 2048, 256
 CONFIGS = {128: [(4, 2), (4, 3), (8, 2)], 256: [(8, 2), (4, 2), (8, 3)]}
 
 
-def with_kernel_config(f, config):
-    """``f`` traced and compiled with the decode kernels' ``gpu_config`` replaced by ``config``."""
+def with_kernel_config(f, config, iters):
+    """``(ms, output)`` of ``f`` traced and compiled with the decode kernels' ``gpu_config``
+    replaced by ``config`` (``kernel_settings`` swaps the function and clears jax's caches)."""
+    base = _k.gpu_config
+
+    def patched(hp, kernel="prefill", dtype=None):
+        return config if kernel == "decode" else base(hp, kernel, dtype)
+
     def run(*args):
-        old = _k.gpu_config
-        _k.gpu_config = lambda hp, kernel="prefill", dtype=None: (
-            config if kernel == "decode" else old(hp, kernel, dtype))
-        jax.clear_caches()
-        try:
-            ms = device_ms(f, *args, iters=ITERS[0])
-            out = jax.block_until_ready(jax.jit(f)(*args))
-        finally:
-            _k.gpu_config = old
-            jax.clear_caches()
-        return ms, out
+        with kernel_settings(gpu_config=patched):
+            return device_ms(f, *args, iters=iters), jax.block_until_ready(jax.jit(f)(*args))
     return run
-
-
-ITERS = [10]
 
 
 def config_sweep(iters):
     """The ``--configs`` table: split-parallel prefill time per (warps, stages), and its bits."""
-    ITERS[0] = iters
     ok = True
     print("== split-parallel prefill, causal bf16, N = 8: (warps, stages) of its kernels "
           "(ms; ratio = cuDNN / this) ==")
@@ -87,7 +80,7 @@ def config_sweep(iters):
         cells, ref = [], None
         for config in CONFIGS[h]:
             try:
-                ms, out = with_kernel_config(split_parallel(cfg), config)(*prep)
+                ms, out = with_kernel_config(split_parallel(cfg), config, iters)(*prep)
             except Exception as e:  # a configuration may not compile (shared memory): report, go on
                 cells.append(f"{config}: {type(e).__name__}")
                 continue
