@@ -2,7 +2,8 @@
 
 A *switch* is a module-level setting of ``pallas_kernels.attention`` read at trace time (e.g.
 ``BLOCK_STEP_SELECT_P``, ``DECODE_MERGE_UNROLL``); a *variant* is a name and the settings it takes
-(``bench_kernels.kernel_settings``, which clears jax's caches so every variant is traced anew).
+(``bench_kernels.output_and_ms``: ``kernel_settings`` clears jax's caches, so every variant is
+traced anew).
 For each shape the driver times every variant and compares its output bits with the first
 variant's (the reference form):
 
@@ -25,19 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.bench_attention import decode_case, xla_decode
-from benchmarks.bench_kernels import bits, copy_bandwidth_gbs, device_ms, kernel_settings
+from benchmarks.bench_kernels import bits, copy_bandwidth_gbs, device_ms, output_and_ms
 from detjax.ops._attention import attention, decode_attention
 
 
 def run_variants(f, args, variants, iters, timed):
     """[(ms or None, output)] per variant ``(name, settings)``."""
-    out = []
-    for _, settings in variants:
-        with kernel_settings(**settings):
-            y = jax.block_until_ready(jax.jit(f)(*args))
-            ms = device_ms(f, *args, iters=iters) if timed else None
-        out.append((ms, y))
-    return out
+    return [output_and_ms(f, args, settings, iters=iters, timed=timed)[::-1] for _, settings in variants]
 
 
 def same(res):

@@ -54,6 +54,16 @@ def kernel_settings(**settings):
         jax.clear_caches()
 
 
+def output_and_ms(f, args, settings, *, iters=10, timed=True, out_args=None):
+    """``(output, ms or None)`` of ``f`` traced and compiled under ``kernel_settings(**settings)``:
+    the output of ``f(*out_args)`` (default ``args``) and the device time of ``f(*args)``. The one
+    step of every A/B of a bit-neutral switch (``attention_ab``, ``decode_breakdown``,
+    ``prefill_split_parallel --configs``)."""
+    with kernel_settings(**settings):
+        out = jax.block_until_ready(jax.jit(f)(*(args if out_args is None else out_args)))
+        return out, (device_ms(f, *args, iters=iters) if timed else None)
+
+
 def device_ms(f, *args, iters=20):
     """Median device time (ms) of the jitted f(*args); falls back to host timing off-GPU."""
     f = jax.jit(f)

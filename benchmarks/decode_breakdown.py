@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.bench_attention import decode_case, xla_decode
-from benchmarks.bench_kernels import bits, device_ms, kernel_settings
+from benchmarks.bench_kernels import bits, output_and_ms
 from detjax.experimental import mosaic_decode_attention
 from detjax.ops._attention import decode_attention
 from pallas_kernels import attention as _k
@@ -55,9 +55,9 @@ def default(q, kc, vc, lengths):
 def bits_and_time(name, value, q, kc, vc, bit_lengths, time_lengths):
     """With ``pallas_kernels.attention.<name> = value`` (traced afresh, then restored): the default
     decode's output bits at ``bit_lengths`` and its device time (ms) at ``time_lengths``."""
-    with kernel_settings(**{name: value}):
-        return (bits(jax.jit(lambda *a: default(*a))(q, kc, vc, bit_lengths)),
-                device_ms(lambda *a: default(*a), q, kc, vc, time_lengths, iters=10))
+    out, ms = output_and_ms(default, (q, kc, vc, time_lengths), {name: value},
+                            out_args=(q, kc, vc, bit_lengths))
+    return bits(out), ms
 
 
 def sweep_line(label, name, values, q, kc, vc, bit_lengths, time_lengths, pct):
@@ -79,8 +79,6 @@ def main(argv):
     pct = lambda mb, ms: 100 * mb / ms / copy  # noqa: E731
 
     merge_only = "--merge-only" in argv   # the merge-unroll A/B alone
-    if merge_only and "--merge-unroll" not in argv:
-        argv = [*argv, "--merge-unroll"]
     for shape in ([] if "--ab-only" in argv or merge_only else
                   [(8, 8192, 4, 128), (1, 8192, 1, 128), (8, 8192, 4, 256), (8, 768, 4, 256)]):
         *ops, mb = case(*shape)
@@ -111,7 +109,7 @@ def main(argv):
               f"({pct(mb, t_off):.1f}%) unpadded {t_on*1e3:.1f} us ({pct(mb, t_on):.1f}%) "
               f"{t_off / t_on:.3f}x, ragged-length bits same={bool(np.array_equal(b_off, b_on))}", flush=True)
 
-    if "--merge-unroll" in argv:
+    if merge_only or "--merge-unroll" in argv:
         print("== merge kernel unroll (DECODE_MERGE_UNROLL) 1 / 4 / 8: time (full caches), bits vs 1 "
               "(ragged)", flush=True)
         for b, s, kh, h, dt in [(8, 8192, 4, 128, jnp.bfloat16), (1, 32768, 1, 128, jnp.bfloat16),

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.bench_kernels import bits, device_ms, kernel_settings
+from benchmarks.bench_kernels import bits, device_ms, output_and_ms
 from pallas_kernels import attention as _k
 
 SHAPES = [  # (B, T, H, K); N = 8, causal, T = S
@@ -54,18 +54,14 @@ LEAN_SHAPES = [x for x in SHAPES if x[1] == 8192 and x[2] > 64] + [(8, 2048, 256
 CONFIGS = {128: [(4, 2), (4, 3), (8, 2)], 256: [(8, 2), (4, 2), (8, 3)]}
 
 
-def with_kernel_config(f, config, iters):
-    """``(ms, output)`` of ``f`` traced and compiled with the decode kernels' ``gpu_config``
-    replaced by ``config`` (``kernel_settings`` swaps the function and clears jax's caches)."""
+def decode_config(config):
+    """``gpu_config`` with the decode (split and merge) kernels' (warps, stages) replaced by
+    ``config`` (for ``output_and_ms(..., {"gpu_config": ...})``)."""
     base = _k.gpu_config
 
     def patched(hp, kernel="prefill", dtype=None):
         return config if kernel == "decode" else base(hp, kernel, dtype)
-
-    def run(*args):
-        with kernel_settings(gpu_config=patched):
-            return device_ms(f, *args, iters=iters), jax.block_until_ready(jax.jit(f)(*args))
-    return run
+    return patched
 
 
 def config_sweep(iters):
@@ -80,7 +76,8 @@ def config_sweep(iters):
         cells, ref = [], None
         for config in CONFIGS[h]:
             try:
-                ms, out = with_kernel_config(split_parallel(cfg), config, iters)(*prep)
+                out, ms = output_and_ms(split_parallel(cfg), prep, {"gpu_config": decode_config(config)},
+                                        iters=iters)
             except Exception as e:  # a configuration may not compile (shared memory): report, go on
                 cells.append(f"{config}: {type(e).__name__}")
                 continue
