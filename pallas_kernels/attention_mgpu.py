@@ -2,8 +2,8 @@
 
 EXPERIMENTAL and opt-in (``detjax.experimental.mosaic_attention``): its reduction order is not
 the Triton kernels' (``pallas_kernels/attention.py``), so its bits differ from ``detjax.ops.attention``;
-within this module prefill, chunked prefill and decode give the same bits (decode runs the same
-kernel), whatever the batch, the other rows, the layout or ``max_len``. bf16/f16; head dims up to
+within this module prefill, chunked prefill and decode give the same bits (the same blocks, key
+splits and merge code), whatever the batch, the other rows, the layout or ``max_len``. bf16/f16; head dims up to
 256; GPU with Mosaic GPU support (sm_90+). Differentiable through ``detjax.experimental`` (the
 backward pass is the Triton path's deterministic backward, fed this kernel's log-sum-exp).
 
@@ -38,8 +38,17 @@ Reduction order (see also ``pallas_kernels/order.py``)
 * KV blocks of ``block_k(head_dim)`` keys (``MGPU_ATTN_BLOCK_K_NARROW`` = 128 for head dims
   <= 128, ``MGPU_ATTN_BLOCK_K`` = 64 above: the 256-wide K/V tiles of two pipeline slots fill the
   shared memory) on an absolute grid anchored at key 0 (block ``j`` = keys ``[b j, b j + b)``),
-  visited in ascending ``j``; **no splits** (one online softmax per row over all its blocks,
-  prefill and decode alike).
+  visited in ascending ``j``, grouped in the attention order's key splits (since session 23):
+  split ``c`` = keys ``[c ATTN_SPLIT_K, (c + 1) ATTN_SPLIT_K)`` (1024 keys, anchored at key 0),
+  each folded from the empty state ``(m, l, acc) = (-inf, 0, +0)``, the split states merged into
+  the running total in ascending ``c`` by ``_merge_coeffs`` / ``_merge_chunk`` (below).
+  Prefill CTAs walk their splits in turn and merge at each boundary (the total's accumulator
+  in a float32 scratch in global memory: a second ``[64, H]`` float32 tile fits neither the
+  registers nor, at head dim 256, the shared memory); decode over two or more splits runs one CTA
+  per (row block, split) writing its state, then ``merge_call`` merges them with the same code
+  (``split_parallel``): the same bits, so decode = prefill by construction while a short batch's
+  decode still spreads a long cache over many CTAs. ``splits=False`` keeps the order of sessions
+  10-22 (one online softmax over all blocks) for comparisons.
 * Per block, for a row: ``s = q . k`` (wgmma, f32 accumulation over the head dim in k-steps of 16),
   ``s = s * (scale * log2 e)`` (with a soft cap ``c``: ``(c log2 e) * tanh(s * scale / c)``);
   ``m' = max(m, max over the row's valid keys of s)``; ``m_use = m'`` (0 while ``m'`` is
@@ -49,6 +58,11 @@ Reduction order (see also ``pallas_kernels/order.py``)
   ``acc = acc + p.astype(dtype) @ v`` (wgmma accumulating into ``acc``). ``out = acc / l``,
   exactly 0 for a row with no valid key; ``lse = m ln 2 + ln l`` (natural log; ``-inf`` when
   empty) for the backward pass.
+* Merge of a split state ``(m_s, l_s, acc_s)`` into the total ``(m_t, l_t, acc_t)``:
+  ``m' = max(m_t, m_s)``; ``a = 2^(m_t - m')``, ``b = 2^(m_s - m')`` (``ex2.approx``), except
+  ``a, b = 1, 0`` for an empty split and ``0, 1`` for an empty total; ``l' = l_t a + l_s b``,
+  ``acc' = acc_t a + acc_s b`` elementwise (so merging 64 columns at a time gives the bits of the
+  whole tile). Empty accumulators are +0, so empty splits are exact no-ops.
 * The mask is applied *after* ``s`` and ``p`` are computed (to the max's input and to ``p``), so
   the arithmetic chain ``s -> s - m_use -> 2^.`` is the same whether a block is masked or not;
   blocks valid for every row of a CTA skip the mask (``block_ranges``' full range). Which blocks a
@@ -61,9 +75,7 @@ Reduction order (see also ``pallas_kernels/order.py``)
 Not covered (use ``detjax.ops.attention``): float32; non-finite *values* in a visited block
 outside a row's interval (a NaN/inf value past a sequence's length in the cache's last visited
 block reaches the row as ``0 * NaN`` in ``p @ v``: keep caches finite, e.g. zero-initialised;
-non-finite *keys* there are harmless); key splits for long-cache decode at small batch (a CTA
-walks the whole cache: B8 with 8k keys at head dim 128 takes 80 us against the split Triton
-decode's 65 us, B1 with one KV head 80 vs 35 us; run s12-1).
+non-finite *keys* there are harmless).
 
 GPU evidence (H200, runs s11-1/s11-2 in ``results/``): the tests of ``tests/test_mosaic_attention.py``
 and ``tests/test_model_mosaic.py`` pass (accuracy, the two layouts bitwise equal, batch / vmap /
@@ -86,7 +98,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.attention import (DECODE_TARGET_PROGRAMS, pack_row_ints, pack_rows, row_bounds,
                                       unpack_row_scalars, unpack_rows)
-from pallas_kernels.order import MGPU_ATTN_BLOCK_K, MGPU_ATTN_BLOCK_K_NARROW
+from pallas_kernels.order import ATTN_SPLIT_K, MGPU_ATTN_BLOCK_K, MGPU_ATTN_BLOCK_K_NARROW
 
 BLOCK_Q = 64          # rows per compute warpgroup (wgmma's M)
 CTA_ROWS = 2 * BLOCK_Q  # rows of a prefill CTA: two compute warpgroups taking turns on the tensor cores
@@ -154,6 +166,12 @@ def block_ranges(lo, hi, real_rows: int, block_kv: int, cta_rows: int = CTA_ROWS
     return jnp.stack([start, end, fs, fe], axis=-1).astype(jnp.int32)
 
 
+def default_split_parallel(layout: str, compute_wgs: int, ns: int) -> bool:
+    """Decode (one-warpgroup packed CTAs) over two or more key splits runs one CTA per split and
+    ``merge_call``; prefill merges inside its CTAs. A speed choice: the same bits."""
+    return layout == "packed" and compute_wgs == 1 and ns >= 2
+
+
 def pipeline_steps(head_dim: int, compute_wgs: int, block_kv: int, itemsize: int = 2,
                    value_splits: int = 1) -> int:
     """K/V pipeline slots: 3 when they fit in shared memory with the q (and output) tiles, else 2.
@@ -164,8 +182,47 @@ def pipeline_steps(head_dim: int, compute_wgs: int, block_kv: int, itemsize: int
     return 3 if tiles + 3 * slot_bytes <= _SMEM_BUDGET else 2
 
 
+def split_blocks(block_kv: int) -> int:
+    """KV blocks per key split (``ATTN_SPLIT_K`` keys, anchored at key 0): part of the order."""
+    return ATTN_SPLIT_K // block_kv
+
+
+def num_splits(s: int) -> int:
+    """Key splits of a (padded) cache of ``s`` keys."""
+    return max(1, -(-s // ATTN_SPLIT_K))
+
+
+def _merge_coeffs(m_t, m_s):
+    """Per-row coefficients of ``merge(total, split) = total * a + split * b`` and the merged max.
+
+    The one merge rule of the kernel (``_merge_chunk`` applies it): an empty split leaves the
+    total as it is (``a = 1, b = 0``), an empty total takes the split as it is (``a = 0, b = 1``);
+    otherwise ``m' = max``, ``a = 2^(m_t - m')``, ``b = 2^(m_s - m')``. Empty accumulators are +0
+    (never -0, never garbage: a total is only read after a merge wrote it), so ``x * 1 + 0`` and
+    ``0 * 0 + x`` give ``x`` bitwise and empty splits are exact no-ops."""
+    t_empty = m_t == -jnp.inf
+    s_empty = m_s == -jnp.inf
+    m_new = jnp.maximum(m_t, m_s)
+    m_use = jnp.where(t_empty | s_empty, 0.0, m_new)
+    a = jnp.where(s_empty, 1.0, jnp.where(t_empty, 0.0, jnp.exp2(m_t - m_use)))
+    b = jnp.where(s_empty, 0.0, jnp.where(t_empty, 1.0, jnp.exp2(m_s - m_use)))
+    return a, b, m_new
+
+
+def _merge_chunk(a, b, total, part):
+    """``total * a + part * b`` per row (``a, b [64]``, ``total, part [64, w]``): elementwise, so a
+    column chunk merges to the bits of the whole tile."""
+    shape = total.shape
+    return (total * lax.broadcast_in_dim(a, shape, [0])
+            + part * lax.broadcast_in_dim(b, shape, [0]))
+
+
+MERGE_CHUNK = 64   # columns of the running total loaded / merged / stored at a time (32 registers)
+
+
 def mosaic_attention_call(q, k, v, lo, hi, rng, *, layout, scale, soft_cap=None, block_kv=None,
-                          steps=None, compute_wgs=2, value_splits=1):
+                          steps=None, compute_wgs=2, value_splits=1, splits=True,
+                          split_parallel=False):
     """The kernel on prepared operands. Returns ``(o, lse)``, ``o`` like ``q``, ``lse`` float32.
 
     A CTA has ``compute_wgs`` (1 or 2) compute warpgroups of 64 rows each and one memory
@@ -181,6 +238,18 @@ def mosaic_attention_call(q, k, v, lo, hi, rng, *, layout, scale, soft_cap=None,
     dot over the same keys whatever the tile's width, so this is a speed choice too: E = 1, 2, 4
     gave the same bits on the GPU (runs s12-1, s12-2).
 
+    ``splits`` (the reduction order; see the module doc): each ``ATTN_SPLIT_K``-key split of a
+    row's keys is folded from the empty state and merged into the running total in ascending
+    order. A CTA walks its splits in turn, keeping the split state in registers and the running
+    total's accumulator in a float32 scratch in global memory (``[B, heads, rows, H]``, an extra
+    output; it stays in L2 between a CTA's merges), merged ``MERGE_CHUNK`` columns at a time.
+    ``splits=False`` is the order of sessions 10-22 (one online softmax over all blocks).
+
+    ``split_parallel`` (with ``splits``; speed, not bits): one CTA per (row block, split), each
+    writing its split state (``acc`` float32, ``m``, ``l``) instead of an output; returns
+    ``(acc [B, heads, ns, rows, H], m, l [B, heads, ns, rows])`` for ``merge_call``, which merges
+    them with the same ``_merge_coeffs`` / ``_merge_chunk`` and finalises as this kernel does.
+
     * ``layout='tokens'``: ``q [B, Tp, N, H]`` (``Tp`` a multiple of ``C``), ``lo, hi [B, Tp]``,
       ``rng [B, Tp/C, 4]``; ``lse [B, N, Tp]``.
     * ``layout='packed'``: ``q [B, K, Rp, H]`` packed rows (``Rp`` a multiple of ``C``),
@@ -192,6 +261,8 @@ def mosaic_attention_call(q, k, v, lo, hi, rng, *, layout, scale, soft_cap=None,
         raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")
     if compute_wgs not in (1, 2):
         raise ValueError(f"compute_wgs must be 1 or 2; got {compute_wgs!r}")
+    if split_parallel and not splits:
+        raise ValueError("split_parallel needs splits=True")
     cta_rows = compute_wgs * BLOCK_Q
     nwg = compute_wgs
     h = q.shape[-1]
@@ -211,29 +282,40 @@ def mosaic_attention_call(q, k, v, lo, hi, rng, *, layout, scale, soft_cap=None,
         steps = 2 if compute_wgs == 2 else pipeline_steps(h, 1, block_kv, jnp.dtype(dtype).itemsize, ne)
     assert rows % cta_rows == 0 and k.shape[1] % block_kv == 0 and h % 64 == 0, (q.shape, k.shape)
     log2e = math.log2(math.e)
+    ns = num_splits(k.shape[1]) if splits else 1
+    bps = split_blocks(block_kv) if splits else _BIG
+    scratch = splits and ns > 1 and not split_parallel   # a CTA may span two splits: running total
+    nsg = ns if split_parallel else 1                      # grid CTAs per row block along the splits
+    chunk = min(MERGE_CHUNK, hv)
 
     def q_slice(ref, bi, hd, row0):
         if layout == "tokens":
             return ref.at[bi, pl.ds(row0, BLOCK_Q), hd]
         return ref.at[bi, hd, pl.ds(row0, BLOCK_Q)]
 
-    def kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, rng_ref, out_ref, lse_ref, scoped):
+    def kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, rng_ref, outs, scoped):
         bi = lax.axis_index("batch")
         hx = lax.axis_index("heads")
-        if ne > 1:
-            hd = lax.div(hx, jnp.array(ne, hx.dtype))
-            ve = lax.rem(hx, jnp.array(ne, hx.dtype))
-        else:
-            hd, ve = hx, None
+        per_head = nsg * ne
+        hd = lax.div(hx, jnp.array(per_head, hx.dtype)) if per_head > 1 else hx
+        ve = lax.rem(hx, jnp.array(ne, hx.dtype)) if ne > 1 else None
+        sc = lax.rem(lax.div(hx, jnp.array(ne, hx.dtype)), jnp.array(nsg, hx.dtype)) if nsg > 1 else None
         qi = lax.axis_index("q_seq")
         wg = lax.axis_index("wg")
         kvh = lax.div(hd, jnp.array(group, hd.dtype)) if group > 1 else hd
-        (qo_smem2, k_smem, v_smem, lo_smem2, hi_smem2, lse_smem2, *o_smem2), \
+        (qo_smem2, k_smem, v_smem, lo_smem2, hi_smem2, lse_smem2, l_smem2, *o_smem2), \
             (k_bar, v_bar, q_bar, lo_bar, hi_bar), (k_used, v_used), sched = scoped
-        blk0 = rng_ref[bi, qi, 0]
-        nsteps = rng_ref[bi, qi, 1] - blk0
-        full0 = rng_ref[bi, qi, 2] - blk0
-        full1 = rng_ref[bi, qi, 3] - blk0
+        start, end = rng_ref[bi, qi, 0], rng_ref[bi, qi, 1]
+        fs, fe = rng_ref[bi, qi, 2], rng_ref[bi, qi, 3]
+        if split_parallel:   # this CTA's part of the range: the blocks of split sc
+            blk0 = jnp.maximum(start, sc * bps)
+            blk_end = jnp.maximum(jnp.minimum(end, (sc + 1) * bps), blk0)
+        else:
+            blk0, blk_end = start, end
+        nsteps = blk_end - blk0
+        full0 = jnp.clip(fs, blk0, blk_end) - blk0
+        full1 = jnp.clip(fe, blk0 + full0, blk_end) - blk0
+        col0 = 0 if ne == 1 else ve * hv
 
         def sched_barrier():   # the two compute warpgroups take turns (none with one)
             if nwg == 2:
@@ -244,7 +326,7 @@ def mosaic_attention_call(q, k, v, lo, hi, rng, *, layout, scale, soft_cap=None,
         def _compute():
             plgpu.set_max_registers(232, action="increase")
             qo_smem, lo_smem, hi_smem = qo_smem2.at[wg], lo_smem2.at[wg], hi_smem2.at[wg]
-            lse_smem = lse_smem2.at[wg]
+            lse_smem, l_smem = lse_smem2.at[wg], l_smem2.at[wg]
             row0 = qi * cta_rows + wg * BLOCK_Q
             plgpu.copy_gmem_to_smem(q_slice(q_ref, bi, hd, row0), qo_smem, q_bar.at[wg])
             plgpu.copy_gmem_to_smem(lo_ref.at[bi, pl.ds(row0, BLOCK_Q)], lo_smem, lo_bar.at[wg])
@@ -254,10 +336,6 @@ def mosaic_attention_call(q, k, v, lo, hi, rng, *, layout, scale, soft_cap=None,
             plgpu.barrier_wait(hi_bar.at[wg])
             row_lo = plgpu.load(lo_smem, layout=plgpu.Layout.WGMMA.reduce(1))
             row_hi = plgpu.load(hi_smem, layout=plgpu.Layout.WGMMA.reduce(1))
-            m_i = plgpu.layout_cast(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32),
-                                    plgpu.Layout.WGMMA.reduce(1))
-            l_i = plgpu.layout_cast(jnp.full((BLOCK_Q,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-            acc = plgpu.layout_cast(jnp.full((BLOCK_Q, hv), 0, jnp.float32), plgpu.Layout.WGMMA)
 
             @pl.when(nsteps > 0)
             def _():
@@ -317,31 +395,109 @@ def mosaic_attention_call(q, k, v, lo, hi, rng, *, layout, scale, soft_cap=None,
                 plgpu.barrier_arrive(v_used.at[slot])
                 return acc, m_new, l_i
 
-            carry = (acc, m_i, l_i)
-            carry = lax.fori_loop(0, full0, lambda j, c: kv_loop(j, c, True), carry)
-            carry = lax.fori_loop(full0, full1, lambda j, c: kv_loop(j, c, False), carry)
-            acc, m_i, l_i = lax.fori_loop(full1, nsteps, lambda j, c: kv_loop(j, c, True), carry)
+            def run_split(c):
+                """The state of split ``c`` (blocks ``[c bps, (c + 1) bps)`` of this CTA's range),
+                folded from the empty state: masked head, unmasked middle, masked tail."""
+                a0 = jnp.clip(c * bps - blk0, 0, nsteps)
+                a1 = jnp.clip((c + 1) * bps - blk0, a0, nsteps)
+                m1 = jnp.clip(full0, a0, a1)
+                m2 = jnp.clip(full1, m1, a1)
+                carry = (plgpu.layout_cast(jnp.full((BLOCK_Q, hv), 0, jnp.float32), plgpu.Layout.WGMMA),
+                         plgpu.layout_cast(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32),
+                                           plgpu.Layout.WGMMA.reduce(1)),
+                         plgpu.layout_cast(jnp.full((BLOCK_Q,), 0, jnp.float32),
+                                           plgpu.Layout.WGMMA.reduce(1)))
+                carry = lax.fori_loop(a0, m1, lambda j, cr: kv_loop(j, cr, True), carry)
+                carry = lax.fori_loop(m1, m2, lambda j, cr: kv_loop(j, cr, False), carry)
+                return lax.fori_loop(m2, a1, lambda j, cr: kv_loop(j, cr, True), carry)
+
+            def out_cols(ref):   # this CTA's value columns of a row-major [.., 64, H] f32 ref
+                return ref if ne == 1 else ref.at[:, pl.ds(col0, hv)]
+
+            def emit_output(acc, m_i, l_i):
+                empty = l_i == 0.0
+                l_safe = jnp.where(empty, 1.0, l_i)
+                lse_smem[...] = jnp.where(empty, -jnp.inf, m_i * _LN2 + jnp.log(l_safe))
+                acc = acc / lax.broadcast_in_dim(l_safe, (BLOCK_Q, hv), [0])
+                if ne == 1:
+                    qo_smem[...] = acc.astype(dtype)
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(qo_smem, q_slice(outs[0], bi, hd, row0))
+                    plgpu.copy_smem_to_gmem(lse_smem, outs[1].at[bi, hd, pl.ds(row0, BLOCK_Q)])
+                else:
+                    o_smem = o_smem2[0].at[wg]
+                    o_smem[...] = acc.astype(dtype)
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(o_smem, q_slice(outs[0], bi, hd, row0).at[:, pl.ds(col0, hv)])
+
+                    @pl.when(ve == 0)   # one writer per lse element
+                    def _():
+                        plgpu.copy_smem_to_gmem(lse_smem, outs[1].at[bi, hd, pl.ds(row0, BLOCK_Q)])
+                plgpu.wait_smem_to_gmem(0)
+
+            if split_parallel:   # one split: write its state for merge_call
+                acc_st, m_st, l_st = outs
+                acc, m_i, l_i = run_split(sc)
+                out_cols(acc_st.at[bi, hd, sc, pl.ds(row0, BLOCK_Q)])[...] = acc
+                lse_smem[...] = m_i
+                l_smem[...] = l_i
+                plgpu.commit_smem()
+
+                @pl.when(ve == 0) if ne > 1 else (lambda f: f())
+                def _():
+                    plgpu.copy_smem_to_gmem(lse_smem, m_st.at[bi, hd, sc, pl.ds(row0, BLOCK_Q)])
+                    plgpu.copy_smem_to_gmem(l_smem, l_st.at[bi, hd, sc, pl.ds(row0, BLOCK_Q)])
+                plgpu.wait_smem_to_gmem(0)
+            else:
+                c_first = lax.div(blk0, jnp.array(bps, blk0.dtype))
+                c_last = lax.div(blk0 + nsteps - 1, jnp.array(bps, blk0.dtype))
+                nspl = jnp.where(nsteps > 0, c_last - c_first + 1, 0)
+                acc, m_i, l_i = run_split(c_first)
+                if not scratch:
+                    emit_output(acc, m_i, l_i)
+                else:
+                    tot = outs[2].at[bi, hd, pl.ds(row0, BLOCK_Q)]   # [64, H] float32
+
+                    def tot_chunk(w):
+                        return tot.at[:, pl.ds(col0 + w * chunk, chunk)]
+
+                    def merge_into(m_t, l_t, part, last):
+                        """Merge split state ``part`` into the total (accumulator in ``tot``):
+                        store the merged total, or (``last``) return it."""
+                        acc_s, m_s, l_s = part
+                        a, bb, m_new = _merge_coeffs(m_t, m_s)
+                        l_new = l_t * a + l_s * bb
+                        merged = []
+                        for w in range(hv // chunk):
+                            t_w = plgpu.load(tot_chunk(w), layout=plgpu.Layout.WGMMA, optimized=False)
+                            mw = _merge_chunk(a, bb, t_w, acc_s[:, w * chunk:(w + 1) * chunk])
+                            if last:
+                                merged.append(mw)
+                            else:
+                                tot_chunk(w)[...] = mw
+                        if last:
+                            merged = merged[0] if len(merged) == 1 else jnp.concatenate(merged, axis=1)
+                            return merged, m_new, l_new
+                        return m_new, l_new
+
+                    @pl.when(nspl <= 1)
+                    def _():
+                        emit_output(acc, m_i, l_i)
+
+                    @pl.when(nspl > 1)   # the first split is the total (merge with the empty total)
+                    def _():
+                        for w in range(hv // chunk):
+                            tot_chunk(w)[...] = acc[:, w * chunk:(w + 1) * chunk]
+
+                    m_t, l_t = lax.fori_loop(
+                        1, nspl - 1, lambda i, ml: merge_into(*ml, run_split(c_first + i), False),
+                        (m_i, l_i))
+
+                    @pl.when(nspl > 1)
+                    def _():
+                        emit_output(*merge_into(m_t, l_t, run_split(c_last), True))
             if nwg == 2:
                 pl.when(wg == 0)(sched_barrier)
-            empty = l_i == 0.0
-            l_safe = jnp.where(empty, 1.0, l_i)
-            lse_smem[...] = jnp.where(empty, -jnp.inf, m_i * _LN2 + jnp.log(l_safe))
-            acc /= lax.broadcast_in_dim(l_safe, (BLOCK_Q, hv), [0])
-            if ne == 1:
-                qo_smem[...] = acc.astype(dtype)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(qo_smem, q_slice(out_ref, bi, hd, row0))
-                plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, hd, pl.ds(row0, BLOCK_Q)])
-            else:
-                o_smem = o_smem2[0].at[wg]
-                o_smem[...] = acc.astype(dtype)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(o_smem, q_slice(out_ref, bi, hd, row0).at[:, pl.ds(ve * hv, hv)])
-
-                @pl.when(ve == 0)   # one writer per lse element
-                def _():
-                    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, hd, pl.ds(row0, BLOCK_Q)])
-            plgpu.wait_smem_to_gmem(0)
 
         def v_cols(ref):   # this CTA's value columns
             return ref if ne == 1 else ref.at[:, pl.ds(ve * hv, hv)]
@@ -366,7 +522,7 @@ def mosaic_attention_call(q, k, v, lo, hi, rng, *, layout, scale, soft_cap=None,
                 plgpu.barrier_wait(v_used.at[slot])
                 plgpu.copy_gmem_to_smem(v_cols(v_ref.at[sl]), v_smem.at[slot], v_bar.at[slot])
 
-    def entry(q_ref, k_ref, v_ref, lo_ref, hi_ref, rng_ref, out_ref, lse_ref):
+    def entry(q_ref, k_ref, v_ref, lo_ref, hi_ref, rng_ref, *outs):
         tiling = plgpu.TilingTransform((8, 64))
         swizzle = plgpu.SwizzleTransform(128)
         smem = (plgpu.SMEM((nwg, BLOCK_Q, h), dtype, transforms=(tiling, swizzle)),
@@ -374,11 +530,12 @@ def mosaic_attention_call(q, k, v, lo, hi, rng, *, layout, scale, soft_cap=None,
                 plgpu.SMEM((steps, block_kv, hv), dtype, transforms=(tiling, swizzle)),
                 plgpu.SMEM((nwg, BLOCK_Q), jnp.int32),
                 plgpu.SMEM((nwg, BLOCK_Q), jnp.int32),
+                plgpu.SMEM((nwg, BLOCK_Q), jnp.float32),
                 plgpu.SMEM((nwg, BLOCK_Q), jnp.float32))
         if ne > 1:   # the output tile of this CTA's value columns (q's tile is wider)
             smem += (plgpu.SMEM((nwg, BLOCK_Q, hv), dtype, transforms=(tiling, swizzle)),)
         pl.run_scoped(
-            lambda *args: kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, rng_ref, out_ref, lse_ref, args),
+            lambda *args: kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, rng_ref, outs, args),
             smem,
             (plgpu.Barrier(num_barriers=steps), plgpu.Barrier(num_barriers=steps),
              plgpu.Barrier(num_barriers=nwg), plgpu.Barrier(num_barriers=nwg),
@@ -388,16 +545,84 @@ def mosaic_attention_call(q, k, v, lo, hi, rng, *, layout, scale, soft_cap=None,
             collective_axes="wg",
         )
 
-    lse_shape = (b, heads, rows)
-    return plgpu.kernel(
+    if split_parallel:
+        out_type = (jax.ShapeDtypeStruct((b, heads, ns, rows, h), jnp.float32),
+                    jax.ShapeDtypeStruct((b, heads, ns, rows), jnp.float32),
+                    jax.ShapeDtypeStruct((b, heads, ns, rows), jnp.float32))
+    else:
+        out_type = (jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((b, heads, rows), jnp.float32))
+        if scratch:
+            out_type += (jax.ShapeDtypeStruct((b, heads, rows, h), jnp.float32),)
+    res = plgpu.kernel(
         entry,
-        out_type=(jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct(lse_shape, jnp.float32)),
-        grid=(heads * ne, rows // cta_rows, b),
+        out_type=out_type,
+        grid=(heads * nsg * ne, rows // cta_rows, b),
         grid_names=("heads", "q_seq", "batch"),
         num_threads=nwg + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(q, k, v, lo, hi, rng)
+    return tuple(res) if split_parallel else (res[0], res[1])
+
+
+def merge_call(acc, m, l, rng64, *, dtype, block_kv):
+    """Decode's second kernel after ``mosaic_attention_call(..., split_parallel=True)``: for each
+    64 packed rows, the split states of the splits its rows touch (``rng64`` = ``block_ranges(...,
+    cta_rows=64)``), merged in ascending order from the empty total by ``_merge_coeffs`` /
+    ``_merge_chunk`` and finalised as ``emit_output`` does: the in-kernel merge's arithmetic, so the
+    bits of the one-kernel path. ``acc [B, K, ns, Rp, H]`` float32, ``m, l [B, K, ns, Rp]``.
+    Returns ``(o [B, K, Rp, H] dtype, lse [B, K, Rp])``."""
+    b, heads, ns, rows, h = acc.shape
+    bps = split_blocks(block_kv)
+    red = plgpu.Layout.WGMMA.reduce(1)
+
+    def kernel(acc_ref, m_ref, l_ref, rng_ref, o_ref, lse_ref):
+        tiling = plgpu.TilingTransform((8, 64))
+        swizzle = plgpu.SwizzleTransform(128)
+        pl.run_scoped(lambda o_smem, lse_smem: merge(acc_ref, m_ref, l_ref, rng_ref, o_ref, lse_ref,
+                                                     o_smem, lse_smem),
+                      plgpu.SMEM((BLOCK_Q, h), dtype, transforms=(tiling, swizzle)),
+                      plgpu.SMEM((BLOCK_Q,), jnp.float32))
+
+    def merge(acc_ref, m_ref, l_ref, rng_ref, o_ref, lse_ref, o_smem, lse_smem):
+        bi = lax.axis_index("batch")
+        hd = lax.axis_index("heads")
+        qi = lax.axis_index("q_seq")
+        row0 = qi * BLOCK_Q
+        start, end = rng_ref[bi, qi, 0], rng_ref[bi, qi, 1]
+        c0 = lax.div(start, jnp.array(bps, start.dtype))
+        c1 = jnp.where(end > start, lax.div(end - 1, jnp.array(bps, end.dtype)) + 1, c0)
+
+        def body(c, carry):
+            tot, m_t, l_t = carry
+            m_s = plgpu.load(m_ref.at[bi, hd, c, pl.ds(row0, BLOCK_Q)], layout=red, optimized=False)
+            l_s = plgpu.load(l_ref.at[bi, hd, c, pl.ds(row0, BLOCK_Q)], layout=red, optimized=False)
+            part = plgpu.load(acc_ref.at[bi, hd, c, pl.ds(row0, BLOCK_Q)], layout=plgpu.Layout.WGMMA,
+                              optimized=False)
+            a, bb, m_new = _merge_coeffs(m_t, m_s)
+            return _merge_chunk(a, bb, tot, part), m_new, l_t * a + l_s * bb
+
+        carry = (plgpu.layout_cast(jnp.full((BLOCK_Q, h), 0, jnp.float32), plgpu.Layout.WGMMA),
+                 plgpu.layout_cast(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32), red),
+                 plgpu.layout_cast(jnp.full((BLOCK_Q,), 0, jnp.float32), red))
+        tot, m_i, l_i = lax.fori_loop(c0, c1, body, carry)
+        empty = l_i == 0.0
+        l_safe = jnp.where(empty, 1.0, l_i)
+        lse_smem[...] = jnp.where(empty, -jnp.inf, m_i * _LN2 + jnp.log(l_safe))
+        o_smem[...] = (tot / lax.broadcast_in_dim(l_safe, (BLOCK_Q, h), [0])).astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[bi, hd, pl.ds(row0, BLOCK_Q)])
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, hd, pl.ds(row0, BLOCK_Q)])
+        plgpu.wait_smem_to_gmem(0)
+
+    return plgpu.kernel(
+        kernel,
+        out_type=(jax.ShapeDtypeStruct((b, heads, rows, h), dtype),
+                  jax.ShapeDtypeStruct((b, heads, rows), jnp.float32)),
+        grid=(heads, rows // BLOCK_Q, b),
+        grid_names=("heads", "q_seq", "batch"),
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(acc, m, l, rng64)
 
 
 def _pad_to(x, axis, size):
@@ -409,13 +634,17 @@ def _pad_to(x, axis, size):
 
 
 def forward(q, k, v, q_positions, kv_lengths, *, causal, sliding_window, soft_cap, scale,
-            layout=None, compute_wgs=None, steps=None, value_splits=None):
+            layout=None, compute_wgs=None, steps=None, value_splits=None, splits=True,
+            split_parallel=None):
     """Public-layout attention through the kernel: ``q [B, T, N, H]``, ``k, v [B, S, K, H]``,
     ``q_positions [B, T]``, ``kv_lengths [B]`` (checked by the caller). Returns
     ``(o [B, T, N, H], lse [B, T, N] float32)``. ``layout``: ``'tokens'``, ``'packed'`` or
     ``None`` (``default_layout(T)``); ``compute_wgs`` (1 or 2; ``None``: ``default_compute_wgs``),
     ``steps`` (K/V pipeline slots) and ``value_splits`` (see ``mosaic_attention_call``; ``None``:
-    ``default_value_splits``); none of them changes the bits. Traceable on any platform."""
+    ``default_value_splits``); none of them changes the bits. ``splits=False``: the order without
+    key splits (sessions 10-22). ``split_parallel`` (``None``: ``default_split_parallel``): decode's
+    split-parallel CTAs and ``merge_call`` instead of the one-kernel merge; the same bits. Traceable
+    on any platform."""
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
     g = n // kh
@@ -441,12 +670,21 @@ def forward(q, k, v, q_positions, kv_lengths, *, causal, sliding_window, soft_ca
         rp = qx.shape[2]
         lo, hi = (pack_row_ints(a, g, rp) for a in (lo, hi))   # padding rows: [0, 0)
     rng = block_ranges(lo, hi, rows, bk, cta)
+    ns = num_splits(sp) if splits else 1
+    if split_parallel is None:
+        split_parallel = default_split_parallel(layout, wgs, ns)
+    if split_parallel and (layout != "packed" or not splits):
+        raise ValueError("split_parallel needs layout='packed' and splits=True")
+    ctas = rng.shape[0] * rng.shape[1] * (n if layout == "tokens" else kh) * (ns if split_parallel else 1)
     if value_splits is None:
-        value_splits = default_value_splits(hm, rng.shape[0] * rng.shape[1] * (n if layout == "tokens" else kh),
-                                            wgs)
-    o, lse = mosaic_attention_call(qx, kp, vp, lo, hi, rng, layout=layout, scale=scale,
-                                   soft_cap=soft_cap, block_kv=bk, steps=steps, compute_wgs=wgs,
-                                   value_splits=value_splits)
+        value_splits = default_value_splits(hm, ctas, wgs)
+    kw = dict(layout=layout, scale=scale, soft_cap=soft_cap, block_kv=bk, steps=steps, compute_wgs=wgs,
+              value_splits=value_splits, splits=splits)
+    if split_parallel:
+        acc, m, l = mosaic_attention_call(qx, kp, vp, lo, hi, rng, split_parallel=True, **kw)
+        o, lse = merge_call(acc, m, l, block_ranges(lo, hi, rows, bk, BLOCK_Q), dtype=q.dtype, block_kv=bk)
+    else:
+        o, lse = mosaic_attention_call(qx, kp, vp, lo, hi, rng, **kw)
     if layout == "tokens":
         return o[:, :t, :, :h], lse[:, :, :t].transpose(0, 2, 1)
     return unpack_rows(o, t, n, h), unpack_row_scalars(lse, t, n)

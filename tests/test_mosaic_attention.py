@@ -107,6 +107,8 @@ LOWER_CASES = {
                                     dict(sliding_window=50, soft_cap=30.0, lengths=True)),
     "bf16 H64 decode 1 token": (jnp.bfloat16, 3, 1, 1000, 8, 1, 64, dict(decode=True)),
     "bf16 H40 non-causal": (jnp.bfloat16, 1, 70, 70, 2, 1, 40, dict(causal=False)),
+    # key splits: prefill CTAs merging two or three splits (the running total in global memory)
+    "bf16 H256 prefill 3 splits": (jnp.bfloat16, 1, 2100, 2100, 4, 2, 256, {}),
 }
 
 
@@ -114,7 +116,52 @@ LOWER_CASES = {
 # what (1, 1) lowers, so it is not generated.
 LOWER_PARAMS = [(name, layout, wgs, ve) for name in LOWER_CASES for layout in ("tokens", "packed")
                 for wgs, ve in ((None, 1), (1, 1), (2, 1), (1, 2))
-                if ve == 1 or M.padded_head_dim(LOWER_CASES[name][6]) >= 128]
+                if (ve == 1 or M.padded_head_dim(LOWER_CASES[name][6]) >= 128)
+                and ("splits" not in name or (wgs, ve) == (None, 1))]   # CTA shapes: covered above
+
+
+@pytest.mark.parametrize("h", [64, 128, 256])
+@pytest.mark.parametrize("split_parallel", [True, False])
+def test_split_decode_lowers_for_cuda(split_parallel, h):
+    """Decode over three key splits lowers for CUDA both ways: one CTA per (row block, split) plus
+    the merge kernel (the default for decode), and the one-kernel merge (prefill's form)."""
+    q, k, v = qkv(2, 2, 1, 2500, 8, 2, h, jnp.bfloat16)
+    lengths = jnp.array([2500, 1100], jnp.int32)
+    f = lambda q, k, v, p, l: M.forward(  # noqa: E731
+        q, k, v, p, l, causal=True, sliding_window=None, soft_cap=30.0, scale=h ** -0.5,
+        layout="packed", split_parallel=split_parallel)
+    text = jax.jit(f).trace(q, k, v, lengths[:, None] - 1, lengths).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("mosaic_gpu") >= 2 and "wgmma" in text
+
+
+def test_split_defaults_and_bad_values():
+    assert M.num_splits(1) == M.num_splits(1024) == 1 and M.num_splits(1025) == 2
+    assert M.split_blocks(128) == 8 and M.split_blocks(64) == 16
+    assert M.default_split_parallel("packed", 1, 2) and not M.default_split_parallel("packed", 1, 1)
+    assert not M.default_split_parallel("tokens", 2, 8) and not M.default_split_parallel("packed", 2, 8)
+    q, k, v = qkv(3, 1, 1, 2000, 4, 1, 64, jnp.bfloat16)
+    pos, lens = jnp.array([[1999]], jnp.int32), jnp.array([2000], jnp.int32)
+    for kw in (dict(layout="tokens", split_parallel=True), dict(layout="packed", splits=False, split_parallel=True)):
+        with pytest.raises(ValueError, match="split_parallel needs"):
+            M.forward(q, k, v, pos, lens, causal=True, sliding_window=None, soft_cap=None, scale=0.1, **kw)
+
+
+def test_merge_rule_is_exact_for_empty_states():
+    """``_merge_coeffs`` / ``_merge_chunk`` (the kernel's merge, here on plain arrays): an empty
+    split leaves the total bitwise, an empty total takes the split bitwise, two empties stay empty
+    (no NaN), and two real states give the rescaled sum."""
+    inf = np.float32(np.inf)
+    m_t = jnp.array([-inf, 3.0, -inf, 2.0], jnp.float32)
+    m_s = jnp.array([1.5, -inf, -inf, 5.0], jnp.float32)
+    tot = jnp.array([[0.0, 0.0], [1.25, -7.0], [0.0, 0.0], [3.0, 1.0]], jnp.float32)
+    part = jnp.array([[2.5, -1.0], [0.0, 0.0], [0.0, 0.0], [1.0, 4.0]], jnp.float32)
+    a, b, m_new = M._merge_coeffs(m_t, m_s)
+    got = np.asarray(M._merge_chunk(a, b, tot, part))
+    assert np.array_equal(got[0], np.asarray(part[0])) and np.array_equal(got[1], np.asarray(tot[1]))
+    assert np.array_equal(got[2], [0.0, 0.0]) and not np.signbit(got[2]).any()
+    np.testing.assert_allclose(got[3], np.asarray(tot[3]) * 2.0 ** -3 + np.asarray(part[3]), rtol=1e-6)
+    assert np.array_equal(np.asarray(m_new), [1.5, 3.0, -inf, 5.0])
 
 
 @pytest.mark.parametrize("name,layout,wgs,ve", LOWER_PARAMS)
@@ -214,7 +261,10 @@ def test_gpu_accuracy(dtype, layout):
                                        (12, (1, 200, 4, 1, 64), dict(causal=False)),
                                        (11, (3, 200, 4, 4, 256),
                                         dict(sliding_window=64, logits_soft_cap=30.0,
-                                             kv_lengths=jnp.array([200, 150, 70], jnp.int32)))]:
+                                             kv_lengths=jnp.array([200, 150, 70], jnp.int32))),
+                                       (13, (1, 2600, 4, 2, 256), {}),   # three key splits
+                                       (14, (2, 2100, 4, 1, 128),
+                                        dict(kv_lengths=jnp.array([2100, 1500], jnp.int32)))]:
         q, k, v = qkv(seed, b, t, t, n, kh, h, dtype)
         out = np.asarray(X.mosaic_attention(q, k, v, layout=layout, **kw), np.float64)
         ref = K.attention_f64_reference(q, k, v, **kw)
@@ -304,6 +354,35 @@ def test_gpu_decode_equals_prefill(dtype, h):
         d = bits(X.mosaic_decode_attention(qd, kc, vc, lengths, logits_soft_cap=50.0))
         assert np.array_equal(d[0, 0], full[0, t]), t
         assert np.array_equal(d[1, 0], full[1, int(lengths[1]) - 1]), t
+
+
+@gpu_only
+@pytest.mark.parametrize("h", [64, 128, 256])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_gpu_decode_equals_prefill_across_splits(dtype, h):
+    """Key splits (``ATTN_SPLIT_K`` = 1024 keys): decode through one CTA per (row block, split)
+    and the merge kernel equals the prefill's rows (the merges inside its CTAs), for tokens on and
+    across split boundaries, caches padded past the length, a longer neighbour in the batch; the
+    one-kernel decode (``split_parallel=False``) gives the same bits. Without splits
+    (``splits=False``) decode gives other bits past the first split: the splits are in the order."""
+    s, max_len = 2200, 2304
+    q, k, v = qkv(31, 2, s, s, 8, 2, h, dtype)
+    full = bits(X.mosaic_attention(q, k, v, logits_soft_cap=50.0))
+    pad = ((0, 0), (0, max_len - s), (0, 0), (0, 0))
+    kc, vc = jnp.pad(k, pad), jnp.pad(v, pad)
+    moved = 0
+    for t in (1022, 1023, 1024, 1025, 2047, 2048, 2199):
+        lengths = jnp.array([t + 1, min(s, t + 300)], jnp.int32)
+        qd = jnp.stack([q[0, t:t + 1], q[1, int(lengths[1]) - 1:int(lengths[1])]])
+        d = bits(X.mosaic_decode_attention(qd, kc, vc, lengths, logits_soft_cap=50.0))
+        assert np.array_equal(d[0, 0], full[0, t]), t
+        assert np.array_equal(d[1, 0], full[1, int(lengths[1]) - 1]), t
+        run = lambda **kw: bits(M.forward(  # noqa: E731
+            qd, kc, vc, lengths[:, None] - 1, lengths, causal=True, sliding_window=None, soft_cap=50.0,
+            scale=h ** -0.5, layout="packed", **kw)[0])
+        assert np.array_equal(run(split_parallel=False), d), t
+        moved += int(np.sum(run(splits=False) != d))
+    assert moved > 0
 
 
 @gpu_only
