@@ -1,19 +1,20 @@
 """The Mosaic GPU attention with fixed-size key splits: speed against cuDNN / XLA and against the
 same kernel without splits, and its bits (GPU only).
 
-Session 23 gave ``pallas_kernels/attention_mgpu.py`` the attention order's key splits
-(``ATTN_SPLIT_K`` keys anchored at key 0, each folded from the empty state, merged into the
-running total in ascending order). Prefill merges inside its CTAs (the running total's
-accumulator in a float32 global-memory scratch, merged 64 columns at a time); decode runs one CTA
-per (row block, split) and a merge kernel (``merge_call``) with the same merge code, so decode
-= prefill by construction, and small-batch decode is no longer one CTA walking the whole cache.
+Session 23 gave ``pallas_kernels/attention_mgpu.py`` the attention order's key splits, opt-in
+(``splits=True``; ``attention_mgpu.SPLITS`` says why not yet the default): ``ATTN_SPLIT_K`` keys
+anchored at key 0, each folded from the empty state, merged into the running total in ascending
+order. Prefill merges inside its CTAs (the running total's accumulator in a float32
+global-memory scratch, merged 64 columns at a time); decode runs one CTA per (row block, split)
+and a merge kernel (``merge_call``) with the same merge code, meant to give decode = prefill by
+construction while small-batch decode is no longer one CTA walking the whole cache.
 
 Rows (CUPTI device time: a compile call, a warm-up call, median of ``--iters``; bf16, N = 8):
 
 * prefill, causal, T = S, the attention issue's 16 shapes: cuDNN (``jax.nn.dot_product_attention``
   'cudnn', the faster of cuDNN and XLA at every one of these shapes in sessions 17-22), the Mosaic
-  kernel with splits (the new default of ``detjax.experimental.mosaic_attention``) and without
-  (``splits=False``, the order of sessions 10-22), as ratios cuDNN / kernel;
+  kernel with splits (``splits=True``) and without (``splits=False``, the default, the order of
+  sessions 10-22), as ratios cuDNN / kernel;
 * decode, one new token x 8 query heads, full caches: XLA (``bench_attention.xla_decode``),
   ``detjax.ops.decode_attention`` (the default Triton path), the Mosaic decode with splits
   (split-parallel + merge) and without, as % of the copy bandwidth measured in the same process;
@@ -44,6 +45,8 @@ DECODE_QUICK = [(1, 8192, 1, 128), (8, 8192, 4, 128), (8, 8192, 4, 256)]
 
 
 def mosaic(q, k, v, pos, lens, **kw):
+    """``M.forward``'s output, with the key splits unless ``splits=False`` is passed."""
+    kw.setdefault("splits", True)
     return M.forward(q, k, v, pos, lens, causal=True, sliding_window=None, soft_cap=None,
                      scale=q.shape[-1] ** -0.5, **kw)[0]
 

@@ -2,8 +2,8 @@
 
 EXPERIMENTAL and opt-in (``detjax.experimental.mosaic_attention``): its reduction order is not
 the Triton kernels' (``pallas_kernels/attention.py``), so its bits differ from ``detjax.ops.attention``;
-within this module prefill, chunked prefill and decode give the same bits (the same blocks, key
-splits and merge code), whatever the batch, the other rows, the layout or ``max_len``. bf16/f16; head dims up to
+within this module prefill, chunked prefill and decode give the same bits (decode runs the same
+kernel), whatever the batch, the other rows, the layout or ``max_len``. bf16/f16; head dims up to
 256; GPU with Mosaic GPU support (sm_90+). Differentiable through ``detjax.experimental`` (the
 backward pass is the Triton path's deterministic backward, fed this kernel's log-sum-exp).
 
@@ -38,7 +38,9 @@ Reduction order (see also ``pallas_kernels/order.py``)
 * KV blocks of ``block_k(head_dim)`` keys (``MGPU_ATTN_BLOCK_K_NARROW`` = 128 for head dims
   <= 128, ``MGPU_ATTN_BLOCK_K`` = 64 above: the 256-wide K/V tiles of two pipeline slots fill the
   shared memory) on an absolute grid anchored at key 0 (block ``j`` = keys ``[b j, b j + b)``),
-  visited in ascending ``j``, grouped in the attention order's key splits (since session 23):
+  visited in ascending ``j``; by default **no splits** (one online softmax per row over all its
+  blocks, prefill and decode alike: decode runs the same kernel). Opt-in (``splits=True``, see
+  ``SPLITS`` for why not yet the default), the blocks are grouped in the attention order's key splits:
   split ``c`` = keys ``[c ATTN_SPLIT_K, (c + 1) ATTN_SPLIT_K)`` (1024 keys, anchored at key 0),
   each folded from the empty state ``(m, l, acc) = (-inf, 0, +0)``, the split states merged into
   the running total in ascending ``c`` by ``_merge_coeffs`` / ``_merge_chunk`` (below).
@@ -46,9 +48,9 @@ Reduction order (see also ``pallas_kernels/order.py``)
   in a float32 scratch in global memory: a second ``[64, H]`` float32 tile fits neither the
   registers nor, at head dim 256, the shared memory); decode over two or more splits runs one CTA
   per (row block, split) writing its state, then ``merge_call`` merges them with the same code
-  (``split_parallel``): the same bits, so decode = prefill by construction while a short batch's
-  decode still spreads a long cache over many CTAs. ``splits=False`` keeps the order of sessions
-  10-22 (one online softmax over all blocks) for comparisons.
+  (``split_parallel``), meant to give the same bits (so decode = prefill by construction while a
+  short batch's decode spreads a long cache over many CTAs); on the H200 (s23-1) it did at head
+  dim 256, not yet at some positions at head dims 64/128 (``SPLITS``).
 * Per block, for a row: ``s = q . k`` (wgmma, f32 accumulation over the head dim in k-steps of 16),
   ``s = s * (scale * log2 e)`` (with a soft cap ``c``: ``(c log2 e) * tanh(s * scale / c)``);
   ``m' = max(m, max over the row's valid keys of s)``; ``m_use = m'`` (0 while ``m'`` is
@@ -219,9 +221,20 @@ def _merge_chunk(a, b, total, part):
 
 MERGE_CHUNK = 64   # columns of the running total loaded / merged / stored at a time (32 registers)
 
+#: Whether ``forward`` (so ``detjax.experimental.mosaic_attention`` / ``mosaic_decode_attention``)
+#: uses the key splits by default. **Off**: the split order is implemented (session 23) and ran on
+#: an H200 (run s23-1: it compiles; accuracy and the two row layouts' bits at 1500 keys pass; the
+#: split-parallel decode gave the one-kernel decode's bits at three 8k-cache shapes), but decode =
+#: prefill (``benchmarks/mosaic_splits.py``) failed at some token positions at head dims 64 and 128
+#: (2 of 7 and 3 of 7; head dim 256: 7 of 7 equal), cause not yet found
+#: (``results/2026-12-07-h200/s23_2_diag.py`` is the prepared next check), and prefill got slower
+#: (0.61-0.81x cuDNN against 0.87-0.95x without splits). Until both are fixed the kernel keeps the
+#: order without splits, which ``splits=True`` (``forward``) overrides.
+SPLITS = False
+
 
 def mosaic_attention_call(q, k, v, lo, hi, rng, *, layout, scale, soft_cap=None, block_kv=None,
-                          steps=None, compute_wgs=2, value_splits=1, splits=True,
+                          steps=None, compute_wgs=2, value_splits=1, splits=False,
                           split_parallel=False):
     """The kernel on prepared operands. Returns ``(o, lse)``, ``o`` like ``q``, ``lse`` float32.
 
@@ -634,17 +647,18 @@ def _pad_to(x, axis, size):
 
 
 def forward(q, k, v, q_positions, kv_lengths, *, causal, sliding_window, soft_cap, scale,
-            layout=None, compute_wgs=None, steps=None, value_splits=None, splits=True,
+            layout=None, compute_wgs=None, steps=None, value_splits=None, splits=None,
             split_parallel=None):
     """Public-layout attention through the kernel: ``q [B, T, N, H]``, ``k, v [B, S, K, H]``,
     ``q_positions [B, T]``, ``kv_lengths [B]`` (checked by the caller). Returns
     ``(o [B, T, N, H], lse [B, T, N] float32)``. ``layout``: ``'tokens'``, ``'packed'`` or
     ``None`` (``default_layout(T)``); ``compute_wgs`` (1 or 2; ``None``: ``default_compute_wgs``),
     ``steps`` (K/V pipeline slots) and ``value_splits`` (see ``mosaic_attention_call``; ``None``:
-    ``default_value_splits``); none of them changes the bits. ``splits=False``: the order without
-    key splits (sessions 10-22). ``split_parallel`` (``None``: ``default_split_parallel``): decode's
-    split-parallel CTAs and ``merge_call`` instead of the one-kernel merge; the same bits. Traceable
-    on any platform."""
+    ``default_value_splits``); none of them changes the bits. ``splits`` (``None``: ``SPLITS``):
+    the order with key splits (``True``) or without (``False``, sessions 10-22's order).
+    ``split_parallel`` (``None``: ``default_split_parallel``): decode's split-parallel CTAs and
+    ``merge_call`` instead of the one-kernel merge; meant to give the same bits (see ``SPLITS``).
+    Traceable on any platform."""
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
     g = n // kh
@@ -670,6 +684,7 @@ def forward(q, k, v, q_positions, kv_lengths, *, causal, sliding_window, soft_ca
         rp = qx.shape[2]
         lo, hi = (pack_row_ints(a, g, rp) for a in (lo, hi))   # padding rows: [0, 0)
     rng = block_ranges(lo, hi, rows, bk, cta)
+    splits = SPLITS if splits is None else bool(splits)
     ns = num_splits(sp) if splits else 1
     if split_parallel is None:
         split_parallel = default_split_parallel(layout, wgs, ns)

@@ -37,11 +37,12 @@ or ``deterministic``, so not part of ``KERNELS_VERSION``):
 
 * Mosaic GPU attention (``pallas_kernels/attention_mgpu.py``, Hopper): the same key intervals as
   the GPU attention, KV blocks of ``MGPU_ATTN_BLOCK_K_NARROW`` (= 128) keys for head dims <= 128
-  and ``MGPU_ATTN_BLOCK_K`` (= 64) above, anchored at key 0 and visited in ascending order,
-  grouped in the same ``ATTN_SPLIT_K`` splits as the GPU attention (each from the empty state,
-  merged into the total in ascending order by one guarded rule; prefill merges inside its CTAs,
-  decode runs the splits in parallel CTAs and a merge kernel with the same code; since session 23,
-  before that one online softmax per row without splits), logits in the base-2 domain
+  and ``MGPU_ATTN_BLOCK_K`` (= 64) above, anchored at key 0 and visited in ascending order, **no
+  splits** by default (one online softmax per row; decode runs the same kernel; opt-in
+  ``splits=True``: the same ``ATTN_SPLIT_K`` splits as the GPU attention, each from the empty
+  state, merged in ascending order by one guarded rule, prefill merging inside its CTAs and decode
+  running the splits in parallel CTAs plus a merge kernel; not yet the default, see
+  ``attention_mgpu.SPLITS``), logits in the base-2 domain
   with ``ex2.approx``, the mask applied to the max's input and to ``p`` (never inside the
   ``s -> p`` chain), the row sums reduced by Mosaic GPU's fixed per-row tree. Its bits differ from
   the Triton attention's. Rows are packed (token, query head) rows or one query head's tokens, in

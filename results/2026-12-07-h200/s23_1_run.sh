@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Session 23, run 1, from the repo root: the Mosaic GPU attention with key splits (first GPU run):
+# Session 23, run 1, from the repo root, at commit 88b47a1 (key splits then the Mosaic kernel's default;
+# since then opt-in, attention_mgpu.SPLITS): the Mosaic GPU attention with key splits (first GPU run):
 # benchmarks/mosaic_splits.py --quick (decode = prefill across split boundaries, 4 prefill and 3 decode
 # shapes against cuDNN / XLA and the kernel without splits), then the Mosaic attention GPU tests.
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false
