@@ -170,7 +170,8 @@ def block_ranges(lo, hi, real_rows: int, block_kv: int, cta_rows: int = CTA_ROWS
 
 def default_split_parallel(layout: str, compute_wgs: int, ns: int) -> bool:
     """Decode (one-warpgroup packed CTAs) over two or more key splits runs one CTA per split and
-    ``merge_call``; prefill merges inside its CTAs. A speed choice: the same bits."""
+    ``merge_call``; prefill merges inside its CTAs. Meant as a speed choice that keeps the bits
+    (see ``SPLITS`` for what the GPU showed so far)."""
     return layout == "packed" and compute_wgs == 1 and ns >= 2
 
 
@@ -226,7 +227,7 @@ MERGE_CHUNK = 64   # columns of the running total loaded / merged / stored at a 
 #: an H200 (run s23-1: it compiles; accuracy and the two row layouts' bits at 1500 keys pass; the
 #: split-parallel decode gave the one-kernel decode's bits at three 8k-cache shapes), but decode =
 #: prefill (``benchmarks/mosaic_splits.py``) failed at some token positions at head dims 64 and 128
-#: (2 of 7 and 3 of 7; head dim 256: 7 of 7 equal), cause not yet found
+#: (3 and 2 of 7 positions; head dim 256: 7 of 7 equal), cause not yet found
 #: (``results/2026-12-07-h200/s23_2_diag.py`` is the prepared next check), and prefill got slower
 #: (0.61-0.81x cuDNN against 0.87-0.95x without splits). Until both are fixed the kernel keeps the
 #: order without splits, which ``splits=True`` (``forward``) overrides.
@@ -255,7 +256,7 @@ def mosaic_attention_call(q, k, v, lo, hi, rng, *, layout, scale, soft_cap=None,
     row's keys is folded from the empty state and merged into the running total in ascending
     order. A CTA walks its splits in turn, keeping the split state in registers and the running
     total's accumulator in a float32 scratch in global memory (``[B, heads, rows, H]``, an extra
-    output; it stays in L2 between a CTA's merges), merged ``MERGE_CHUNK`` columns at a time.
+    output, meant to stay in L2 between a CTA's merges), merged ``MERGE_CHUNK`` columns at a time.
     ``splits=False`` is the order of sessions 10-22 (one online softmax over all blocks).
 
     ``split_parallel`` (with ``splits``; speed, not bits): one CTA per (row block, split), each
