@@ -220,6 +220,16 @@ def _merge_chunk(a, b, total, part):
             + part * lax.broadcast_in_dim(b, shape, [0]))
 
 
+def _finalize(acc, m_i, l_i):
+    """``(acc / l, lse)`` of a row state, float32: the output exactly 0 and ``lse = -inf`` for an
+    empty row. The one finalisation of the kernel and of ``merge_call`` (their outputs must agree
+    bitwise)."""
+    empty = l_i == 0.0
+    l_safe = jnp.where(empty, 1.0, l_i)
+    lse = jnp.where(empty, -jnp.inf, m_i * _LN2 + jnp.log(l_safe))
+    return acc / lax.broadcast_in_dim(l_safe, acc.shape, [0]), lse
+
+
 MERGE_CHUNK = 64   # columns of the running total loaded / merged / stored at a time (32 registers)
 
 #: Whether ``forward`` (so ``detjax.experimental.mosaic_attention`` / ``mosaic_decode_attention``)
@@ -262,7 +272,7 @@ def mosaic_attention_call(q, k, v, lo, hi, rng, *, layout, scale, soft_cap=None,
     ``split_parallel`` (with ``splits``; speed, not bits): one CTA per (row block, split), each
     writing its split state (``acc`` float32, ``m``, ``l``) instead of an output; returns
     ``(acc [B, heads, ns, rows, H], m, l [B, heads, ns, rows])`` for ``merge_call``, which merges
-    them with the same ``_merge_coeffs`` / ``_merge_chunk`` and finalises as this kernel does.
+    them with the same ``_merge_coeffs`` / ``_merge_chunk`` and ``_finalize`` as this kernel.
 
     * ``layout='tokens'``: ``q [B, Tp, N, H]`` (``Tp`` a multiple of ``C``), ``lo, hi [B, Tp]``,
       ``rng [B, Tp/C, 4]``; ``lse [B, N, Tp]``.
@@ -429,10 +439,8 @@ def mosaic_attention_call(q, k, v, lo, hi, rng, *, layout, scale, soft_cap=None,
                 return ref if ne == 1 else ref.at[:, pl.ds(col0, hv)]
 
             def emit_output(acc, m_i, l_i):
-                empty = l_i == 0.0
-                l_safe = jnp.where(empty, 1.0, l_i)
-                lse_smem[...] = jnp.where(empty, -jnp.inf, m_i * _LN2 + jnp.log(l_safe))
-                acc = acc / lax.broadcast_in_dim(l_safe, (BLOCK_Q, hv), [0])
+                acc, lse = _finalize(acc, m_i, l_i)
+                lse_smem[...] = lse
                 if ne == 1:
                     qo_smem[...] = acc.astype(dtype)
                     plgpu.commit_smem()
@@ -583,7 +591,7 @@ def merge_call(acc, m, l, rng64, *, dtype, block_kv):
     """Decode's second kernel after ``mosaic_attention_call(..., split_parallel=True)``: for each
     64 packed rows, the split states of the splits its rows touch (``rng64`` = ``block_ranges(...,
     cta_rows=64)``), merged in ascending order from the empty total by ``_merge_coeffs`` /
-    ``_merge_chunk`` and finalised as ``emit_output`` does: the in-kernel merge's arithmetic, so the
+    ``_merge_chunk`` and finalised by ``_finalize``: the in-kernel merge's arithmetic, so the
     bits of the one-kernel path. ``acc [B, K, ns, Rp, H]`` float32, ``m, l [B, K, ns, Rp]``.
     Returns ``(o [B, K, Rp, H] dtype, lse [B, K, Rp])``."""
     b, heads, ns, rows, h = acc.shape
@@ -619,11 +627,9 @@ def merge_call(acc, m, l, rng64, *, dtype, block_kv):
         carry = (plgpu.layout_cast(jnp.full((BLOCK_Q, h), 0, jnp.float32), plgpu.Layout.WGMMA),
                  plgpu.layout_cast(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32), red),
                  plgpu.layout_cast(jnp.full((BLOCK_Q,), 0, jnp.float32), red))
-        tot, m_i, l_i = lax.fori_loop(c0, c1, body, carry)
-        empty = l_i == 0.0
-        l_safe = jnp.where(empty, 1.0, l_i)
-        lse_smem[...] = jnp.where(empty, -jnp.inf, m_i * _LN2 + jnp.log(l_safe))
-        o_smem[...] = (tot / lax.broadcast_in_dim(l_safe, (BLOCK_Q, h), [0])).astype(dtype)
+        out, lse = _finalize(*lax.fori_loop(c0, c1, body, carry))
+        lse_smem[...] = lse
+        o_smem[...] = out.astype(dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_smem, o_ref.at[bi, hd, pl.ds(row0, BLOCK_Q)])
         plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, hd, pl.ds(row0, BLOCK_Q)])
