@@ -74,6 +74,21 @@ def prefill_rows(shapes, iters):
     return min(worst)
 
 
+def split_decode(*a):
+    """The Mosaic decode with splits: split-parallel CTAs and the merge kernel."""
+    return mosaic(*a, layout="packed")
+
+
+def unsplit_decode(*a):
+    return mosaic(*a, layout="packed", splits=False)
+
+
+@jax.jit
+def one_kernel_decode(*a):
+    """The same splits merged inside one kernel (prefill's form)."""
+    return mosaic(*a, layout="packed", split_parallel=False)
+
+
 def decode_rows(shapes, iters, copy):
     print(f"== decode, 1 token x 8 query heads, full caches, bf16 (us; % of copy {copy:.0f} GB/s) ==")
     print(f"{'shape':22s} {'K/V MB':>7s} {'XLA':>13s} {'default':>13s} {'Mosaic splits':>14s} "
@@ -86,12 +101,10 @@ def decode_rows(shapes, iters, copy):
         cell = lambda ms: f"{ms * 1e3:7.1f} {100 * mb / ms / copy:4.0f}%"  # noqa: E731
         t_x = device_ms(xla_decode, q, kc, vc, lengths, iters=iters)
         t_d = device_ms(lambda q, kc, vc, l: decode_attention(q, kc, vc, l), q, kc, vc, lengths, iters=iters)
-        kw = dict(layout="packed")
-        t_s = device_ms(lambda *a: mosaic(*a, **kw), q, kc, vc, pos, lengths, iters=iters)
-        t_n = device_ms(lambda *a: mosaic(*a, splits=False, **kw), q, kc, vc, pos, lengths, iters=iters)
-        a = jax.jit(lambda *x: mosaic(*x, **kw))(q, kc, vc, pos, lengths)
-        one = jax.jit(lambda *x: mosaic(*x, split_parallel=False, **kw))(q, kc, vc, pos, lengths)
-        same = bool(np.array_equal(bits(a), bits(one)))
+        args = (q, kc, vc, pos, lengths)
+        t_s = device_ms(split_decode, *args, iters=iters)
+        t_n = device_ms(unsplit_decode, *args, iters=iters)
+        same = bool(np.array_equal(bits(jax.jit(split_decode)(*args)), bits(one_kernel_decode(*args))))
         ok &= same
         print(f"B{b} cache{s} K{kh} H{h}".ljust(22) + f" {mb:7.1f} {cell(t_x)} {cell(t_d)} "
               f"{cell(t_s):>14s} {cell(t_n)} {'same' if same else 'DIFFER':>10s}", flush=True)
@@ -103,6 +116,7 @@ def decode_equals_prefill():
     """Decode (split-parallel + merge kernel) of tokens on and across split boundaries equals the
     prefill's rows (one kernel, merges inside the CTAs), bf16 at head dims 64 / 128 / 256."""
     ok = True
+    decode = jax.jit(split_decode)   # one compilation per head dim, not per position
     for h in (64, 128, 256):
         s = 2200
         kq, kk, kv = jax.random.split(jax.random.key(h), 3)
@@ -116,7 +130,7 @@ def decode_equals_prefill():
         for t in (1022, 1023, 1024, 1025, 2047, 2048, 2199):
             lengths = jnp.array([t + 1, min(s, t + 300)], jnp.int32)
             qd = jnp.stack([q[0, t:t + 1], q[1, int(lengths[1]) - 1:int(lengths[1])]])
-            d = bits(jax.jit(lambda *a: mosaic(*a, layout="packed"))(qd, kc, vc, lengths[:, None] - 1, lengths))
+            d = bits(decode(qd, kc, vc, lengths[:, None] - 1, lengths))
             if not (np.array_equal(d[0, 0], full[0, t]) and np.array_equal(d[1, 0], full[1, int(lengths[1]) - 1])):
                 bad.append(t)
         print(f"decode = prefill, H{h}, t on and across split boundaries: "
