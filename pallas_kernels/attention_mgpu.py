@@ -212,21 +212,65 @@ def _merge_coeffs(m_t, m_s):
     return a, b, m_new
 
 
-def _merge_chunk(a, b, total, part):
+def _rn(instr, x, y):
+    """``x * y`` (``instr='mul'``) or ``x + y`` (``'add'``), float32 elementwise, inside a Mosaic GPU
+    kernel as one PTX instruction with an explicit rounding mode (``mul.rn.f32`` / ``add.rn.f32``).
+
+    Mosaic GPU emits its float multiplies and adds with LLVM's ``contract`` flag and PTX's plain
+    ``mul.f32`` / ``add.f32``, which LLVM and ptxas may fuse into an FMA, or not, kernel by
+    kernel. So the same ``t * a + p * b`` in two kernels may round differently: the split-parallel
+    decode's ``merge_call`` and the prefill's in-kernel merge differed in 1 element by 1 bf16 ulp
+    at 5 of 28 (t, row) pairs on the H100 (run s24-1, ``results/2026-12-07-h100-s24``). An
+    ``.rn`` instruction is never contracted (PTX ISA, "mul"/"add": only the forms without a
+    rounding modifier may be fused), so every merge rounds each product and the sum, in every
+    kernel. ``x, y [64, w]`` (WGMMA layout) or ``[64]`` (its row reduction)."""
+    from jax.experimental.mosaic.gpu import fragmented_array as _fa
+    layout = plgpu.Layout.WGMMA if x.ndim == 2 else plgpu.Layout.WGMMA.reduce(1)
+
+    @plgpu.inline_mgpu(arg_types=(layout, layout),
+                       return_type=plgpu.ShapeDtypeStruct(x.shape, jnp.float32, layout))
+    def op(_ctx, xa, ya):
+        return xa._pointwise(_fa.FragmentedArray._lift_fast_instr(f"{instr}.rn.f32"), ya)
+
+    return op(plgpu.layout_cast(x, layout), plgpu.layout_cast(y, layout))
+
+
+def _mul_rn(x, y):
+    return _rn("mul", x, y)
+
+
+def _add_rn(x, y):
+    return _rn("add", x, y)
+
+
+def _merge_chunk(a, b, total, part, mul=_mul_rn, add=_add_rn):
     """``total * a + part * b`` per row (``a, b [64]``, ``total, part [64, w]``): elementwise, so a
-    column chunk merges to the bits of the whole tile."""
+    column chunk merges to the bits of the whole tile; each product and the sum rounded to
+    float32 (``_rn``: never an FMA, in any kernel). ``mul`` / ``add``: ``jnp.multiply`` /
+    ``jnp.add`` outside a kernel (the same IEEE semantics, for the CPU tests)."""
     shape = total.shape
-    return (total * lax.broadcast_in_dim(a, shape, [0])
-            + part * lax.broadcast_in_dim(b, shape, [0]))
+    return add(mul(total, lax.broadcast_in_dim(a, shape, [0])),
+               mul(part, lax.broadcast_in_dim(b, shape, [0])))
 
 
-def _finalize(acc, m_i, l_i):
+def _merge_l(a, b, l_t, l_s, mul=_mul_rn, add=_add_rn):
+    """``l_t * a + l_s * b`` per row, rounded like ``_merge_chunk``."""
+    return add(mul(l_t, a), mul(l_s, b))
+
+
+def _finalize(acc, m_i, l_i, rounded=False):
     """``(acc / l, lse)`` of a row state, float32: the output exactly 0 and ``lse = -inf`` for an
     empty row. The one finalisation of the kernel and of ``merge_call`` (their outputs must agree
-    bitwise)."""
+    bitwise). ``rounded`` (the split order's kernels: the in-kernel merge's emit and
+    ``merge_call``): ``lse``'s product and sum by ``_rn`` (never an FMA). Without it (the order
+    without splits, whose bits sessions 10-23 recorded) the compiler's choice, one kernel."""
     empty = l_i == 0.0
     l_safe = jnp.where(empty, 1.0, l_i)
-    lse = jnp.where(empty, -jnp.inf, m_i * _LN2 + jnp.log(l_safe))
+    if rounded:
+        lse = _add_rn(_mul_rn(m_i, jnp.full(m_i.shape, _LN2, jnp.float32)), jnp.log(l_safe))
+    else:
+        lse = m_i * _LN2 + jnp.log(l_safe)
+    lse = jnp.where(empty, -jnp.inf, lse)
     return acc / lax.broadcast_in_dim(l_safe, acc.shape, [0]), lse
 
 
@@ -439,7 +483,7 @@ def mosaic_attention_call(q, k, v, lo, hi, rng, *, layout, scale, soft_cap=None,
                 return ref if ne == 1 else ref.at[:, pl.ds(col0, hv)]
 
             def emit_output(acc, m_i, l_i):
-                acc, lse = _finalize(acc, m_i, l_i)
+                acc, lse = _finalize(acc, m_i, l_i, rounded=splits)
                 lse_smem[...] = lse
                 if ne == 1:
                     qo_smem[...] = acc.astype(dtype)
@@ -488,7 +532,7 @@ def mosaic_attention_call(q, k, v, lo, hi, rng, *, layout, scale, soft_cap=None,
                         store the merged total, or (``last``) return it."""
                         acc_s, m_s, l_s = part
                         a, bb, m_new = _merge_coeffs(m_t, m_s)
-                        l_new = l_t * a + l_s * bb
+                        l_new = _merge_l(a, bb, l_t, l_s)
                         merged = []
                         for w in range(hv // chunk):
                             t_w = plgpu.load(tot_chunk(w), layout=plgpu.Layout.WGMMA, optimized=False)
@@ -622,12 +666,12 @@ def merge_call(acc, m, l, rng64, *, dtype, block_kv):
             part = plgpu.load(acc_ref.at[bi, hd, c, pl.ds(row0, BLOCK_Q)], layout=plgpu.Layout.WGMMA,
                               optimized=False)
             a, bb, m_new = _merge_coeffs(m_t, m_s)
-            return _merge_chunk(a, bb, tot, part), m_new, l_t * a + l_s * bb
+            return _merge_chunk(a, bb, tot, part), m_new, _merge_l(a, bb, l_t, l_s)
 
         carry = (plgpu.layout_cast(jnp.full((BLOCK_Q, h), 0, jnp.float32), plgpu.Layout.WGMMA),
                  plgpu.layout_cast(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32), red),
                  plgpu.layout_cast(jnp.full((BLOCK_Q,), 0, jnp.float32), red))
-        out, lse = _finalize(*lax.fori_loop(c0, c1, body, carry))
+        out, lse = _finalize(*lax.fori_loop(c0, c1, body, carry), rounded=True)
         lse_smem[...] = lse
         o_smem[...] = out.astype(dtype)
         plgpu.commit_smem()
