@@ -41,6 +41,8 @@ PREFILL = [(b, t, h, kh) for h in (128, 256) for t in (2048, 8192) for b in (1, 
 PREFILL_QUICK = [(8, 8192, 128, 4), (8, 8192, 256, 4), (1, 8192, 128, 4), (1, 2048, 256, 1)]
 DECODE = [(1, 8192, 1, 128), (1, 32768, 1, 128), (8, 8192, 4, 128), (8, 32768, 4, 128),
           (64, 8192, 4, 128), (8, 8192, 4, 256), (8, 768, 4, 256)]
+#: decode = prefill positions: on and across block (64 / 128 keys) and split (1024) boundaries
+POSITIONS = (5, 127, 128, 1022, 1023, 1024, 1025, 1535, 2047, 2048, 2049, 2199)
 DECODE_QUICK = [(1, 8192, 1, 128), (8, 8192, 4, 128), (8, 8192, 4, 256)]
 
 
@@ -127,7 +129,7 @@ def decode_equals_prefill():
         pad = ((0, 0), (0, 2304 - s), (0, 0), (0, 0))
         kc, vc = jnp.pad(k, pad), jnp.pad(v, pad)
         bad = []
-        for t in (1022, 1023, 1024, 1025, 2047, 2048, 2199):
+        for t in POSITIONS:
             lengths = jnp.array([t + 1, min(s, t + 300)], jnp.int32)
             qd = jnp.stack([q[0, t:t + 1], q[1, int(lengths[1]) - 1:int(lengths[1])]])
             d = bits(decode(qd, kc, vc, lengths[:, None] - 1, lengths))
