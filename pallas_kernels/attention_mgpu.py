@@ -275,6 +275,11 @@ def _finalize(acc, m_i, l_i, rounded=False):
 
 
 MERGE_CHUNK = 64   # columns of the running total loaded / merged / stored at a time (32 registers)
+#: Widest value tile (``H / value_splits``) whose split-order prefill keeps the running total in
+#: registers (a loop carry beside the split's accumulator) instead of the float32 global scratch.
+#: A speed choice, not a bit choice: the same ``_merge_chunk`` / ``_merge_l`` on the same values
+#: (a float32 store and load are exact). At 64 the total is 32 registers a thread; at 128, 64.
+REGISTER_TOTAL_MAX_HV = 64
 
 #: Whether ``forward`` (so ``detjax.experimental.mosaic_attention`` / ``mosaic_decode_attention``)
 #: uses the key splits by default. **Off**: the split order is implemented (session 23) and ran on
@@ -352,7 +357,9 @@ def mosaic_attention_call(q, k, v, lo, hi, rng, *, layout, scale, soft_cap=None,
     log2e = math.log2(math.e)
     ns = num_splits(k.shape[1]) if splits else 1
     bps = split_blocks(block_kv) if splits else _BIG
-    scratch = splits and ns > 1 and not split_parallel   # a CTA may span two splits: running total
+    reg_total = splits and ns > 1 and not split_parallel and hv <= REGISTER_TOTAL_MAX_HV
+    # a CTA may span two splits: the running total in registers or in a global float32 scratch
+    scratch = splits and ns > 1 and not split_parallel and not reg_total
     nsg = ns if split_parallel else 1                      # grid CTAs per row block along the splits
     chunk = min(MERGE_CHUNK, hv)
 
@@ -519,7 +526,15 @@ def mosaic_attention_call(q, k, v, lo, hi, rng, *, layout, scale, soft_cap=None,
                 c_last = lax.div(blk0 + nsteps - 1, jnp.array(bps, blk0.dtype))
                 nspl = jnp.where(nsteps > 0, c_last - c_first + 1, 0)
                 acc, m_i, l_i = run_split(c_first)
-                if not scratch:
+                if reg_total:   # the first split is the total; merge the others into it in turn
+                    def merge_next(i, total):
+                        tot_acc, m_t, l_t = total
+                        acc_s, m_s, l_s = run_split(c_first + i)
+                        a, bb, m_new = _merge_coeffs(m_t, m_s)
+                        return _merge_chunk(a, bb, tot_acc, acc_s), m_new, _merge_l(a, bb, l_t, l_s)
+
+                    emit_output(*lax.fori_loop(1, nspl, merge_next, (acc, m_i, l_i)))
+                elif not scratch:
                     emit_output(acc, m_i, l_i)
                 else:
                     tot = outs[2].at[bi, hd, pl.ds(row0, BLOCK_Q)]   # [64, H] float32

@@ -109,6 +109,8 @@ LOWER_CASES = {
     "bf16 H40 non-causal": (jnp.bfloat16, 1, 70, 70, 2, 1, 40, dict(causal=False)),
     # opt-in key splits: prefill CTAs merging three splits (the running total in global memory)
     "bf16 H256 prefill 3 splits": (jnp.bfloat16, 1, 2100, 2100, 4, 2, 256, dict(splits=True)),
+    # ... and in registers (``REGISTER_TOTAL_MAX_HV``: value tiles up to 64 wide)
+    "bf16 H64 prefill 3 splits": (jnp.bfloat16, 1, 2100, 2100, 4, 2, 64, dict(splits=True)),
 }
 
 
@@ -188,6 +190,22 @@ def test_lowers_for_cuda(name, layout, wgs, ve):
     # the explicitly rounded merge / lse instructions (``_rn``) only in the split order: the order
     # without splits keeps the arithmetic whose bits are recorded
     assert ("mul.rn.f32" in text and "add.rn.f32" in text) == bool(opt.get("splits")), name
+
+
+def test_split_prefill_register_total_lowers_for_cuda(monkeypatch):
+    """Head dim 128 with the running total in registers (``REGISTER_TOTAL_MAX_HV`` raised to 128;
+    the default keeps it in the global scratch above 64): lowers, without the scratch output."""
+    q, k, v = qkv(3, 1, 2100, 2100, 4, 2, 128, jnp.bfloat16)
+    args = (q, k, v, K.default_q_positions(1, 2100, 2100), jnp.full((1,), 2100, jnp.int32))
+    texts = {}
+    for hv in (64, 128):
+        monkeypatch.setattr(M, "REGISTER_TOTAL_MAX_HV", hv)
+        f = lambda *a: M.forward(*a, causal=True, sliding_window=None, soft_cap=None,  # noqa: E731
+                                 scale=0.1, splits=True)   # a new function: jit traces it anew
+        texts[hv] = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert "mul.rn.f32" in texts[hv] and "wgmma" in texts[hv]
+    # the scratch is the kernel's third output, [B, N, rows, 128] float32
+    assert "tensor<1x4x2176x128xf32>" in texts[64] and "tensor<1x4x2176x128xf32>" not in texts[128]
 
 
 def test_compute_warpgroups_default_and_bad_values():
