@@ -45,12 +45,14 @@ Reduction order (see also ``pallas_kernels/order.py``)
   each folded from the empty state ``(m, l, acc) = (-inf, 0, +0)``, the split states merged into
   the running total in ascending ``c`` by ``_merge_coeffs`` / ``_merge_chunk`` (below).
   Prefill CTAs walk their splits in turn and merge at each boundary (the total's accumulator
-  in a float32 scratch in global memory: a second ``[64, H]`` float32 tile fits neither the
-  registers nor, at head dim 256, the shared memory); decode over two or more splits runs one CTA
-  per (row block, split) writing its state, then ``merge_call`` merges them with the same code
-  (``split_parallel``), meant to give the same bits (so decode = prefill by construction while a
-  short batch's decode spreads a long cache over many CTAs); on the H200 (s23-1) it did at head
-  dim 256, not yet at some positions at head dims 64/128 (``SPLITS``).
+  in registers for value tiles up to ``REGISTER_TOTAL_MAX_HV`` wide, else in a float32 scratch in
+  global memory: a second ``[64, H]`` float32 tile fits neither the registers nor, at head dim
+  256, the shared memory); decode over two or more splits runs one CTA per (row block, split)
+  writing its state, then ``merge_call`` merges them with the same code (``split_parallel``), so
+  decode = prefill by construction while a short batch's decode spreads a long cache over many
+  CTAs. The merges' products and sums are explicitly rounded PTX (``_rn``): left to the
+  compiler, the two kernels contracted different products into FMAs (run s24-1: 1 element by 1
+  bf16 ulp at some positions at head dims 64 / 128).
 * Per block, for a row: ``s = q . k`` (wgmma, f32 accumulation over the head dim in k-steps of 16),
   ``s = s * (scale * log2 e)`` (with a soft cap ``c``: ``(c log2 e) * tanh(s * scale / c)``);
   ``m' = max(m, max over the row's valid keys of s)``; ``m_use = m'`` (0 while ``m'`` is
@@ -63,8 +65,10 @@ Reduction order (see also ``pallas_kernels/order.py``)
 * Merge of a split state ``(m_s, l_s, acc_s)`` into the total ``(m_t, l_t, acc_t)``:
   ``m' = max(m_t, m_s)``; ``a = 2^(m_t - m')``, ``b = 2^(m_s - m')`` (``ex2.approx``), except
   ``a, b = 1, 0`` for an empty split and ``0, 1`` for an empty total; ``l' = l_t a + l_s b``,
-  ``acc' = acc_t a + acc_s b`` elementwise (so merging 64 columns at a time gives the bits of the
-  whole tile). Empty accumulators are +0, so empty splits are exact no-ops.
+  ``acc' = acc_t a + acc_s b`` elementwise, each product and the sum rounded to float32
+  (``mul.rn`` / ``add.rn``, never an FMA; merging 64 columns at a time gives the bits of the
+  whole tile). Empty accumulators are +0, so empty splits are exact no-ops. In the split order
+  ``lse = m ln 2 + ln l`` is rounded the same way.
 * The mask is applied *after* ``s`` and ``p`` are computed (to the max's input and to ``p``), so
   the arithmetic chain ``s -> s - m_use -> 2^.`` is the same whether a block is masked or not;
   blocks valid for every row of a CTA skip the mask (``block_ranges``' full range). Which blocks a
