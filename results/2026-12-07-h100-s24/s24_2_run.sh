@@ -12,6 +12,6 @@ grep "PASSED\|FAILED\|ERROR\|passed\|failed" "$OUT/s24_2_pytest.log" | tail -12
 MOSAIC_GPU_DUMP_PTXAS=1 timeout $((400 - SECONDS)) python3 results/2026-12-07-h100-s24/s24_2_chunk.py 2>&1 \
   | grep --line-buffered "===\|RESULT\|spill stores\|Error\|error" > "$OUT/s24_2_chunk.txt"
 cat "$OUT/s24_2_chunk.txt"
-timeout $((585 - SECONDS)) python3 benchmarks/mosaic_splits.py --quick 2>&1 | grep --line-buffered -v "$F" \
+timeout $((${END:-585} - SECONDS)) python3 benchmarks/mosaic_splits.py --quick 2>&1 | grep --line-buffered -v "$F" \
   > "$OUT/s24_2_bench.txt"
 cat "$OUT/s24_2_bench.txt"
