@@ -45,9 +45,9 @@ Reduction order (see also ``pallas_kernels/order.py``)
   each folded from the empty state ``(m, l, acc) = (-inf, 0, +0)``, the split states merged into
   the running total in ascending ``c`` by ``_merge_coeffs`` / ``_merge_chunk`` (below).
   Prefill CTAs walk their splits in turn and merge at each boundary (the total's accumulator
-  in registers for value tiles up to ``REGISTER_TOTAL_MAX_HV`` wide, else in a float32 scratch in
-  global memory: a second ``[64, H]`` float32 tile fits neither the registers nor, at head dim
-  256, the shared memory); decode over two or more splits runs one CTA per (row block, split)
+  in registers for value tiles up to ``REGISTER_TOTAL_MAX_HV`` = 128 wide; at head dim 256, where a
+  second ``[64, 256]`` float32 tile fits neither the registers nor the shared memory, in a float32
+  scratch in global memory); decode over two or more splits runs one CTA per (row block, split)
   writing its state, then ``merge_call`` merges them with the same code (``split_parallel``), so
   decode = prefill by construction while a short batch's decode spreads a long cache over many
   CTAs. The merges' products and sums are explicitly rounded PTX (``_rn``): left to the
@@ -174,8 +174,8 @@ def block_ranges(lo, hi, real_rows: int, block_kv: int, cta_rows: int = CTA_ROWS
 
 def default_split_parallel(layout: str, compute_wgs: int, ns: int) -> bool:
     """Decode (one-warpgroup packed CTAs) over two or more key splits runs one CTA per split and
-    ``merge_call``; prefill merges inside its CTAs. Meant as a speed choice that keeps the bits
-    (see ``SPLITS`` for what the GPU showed so far)."""
+    ``merge_call``; prefill merges inside its CTAs. A speed choice that keeps the bits (the
+    same merge code, explicitly rounded: H100 run s24-2, decode = prefill at head dims 64-256)."""
     return layout == "packed" and compute_wgs == 1 and ns >= 2
 
 
@@ -278,22 +278,28 @@ def _finalize(acc, m_i, l_i, rounded=False):
     return acc / lax.broadcast_in_dim(l_safe, acc.shape, [0]), lse
 
 
-MERGE_CHUNK = 64   # columns of the running total loaded / merged / stored at a time (32 registers)
+#: Columns of the global-scratch total loaded / merged / stored at a time (32 registers). 32 gave
+#: the same bits and no gain (H100 s24-2: head dim 256 5.88 vs 5.91 ms, head dim 128 2.38 vs 2.25).
+MERGE_CHUNK = 64
 #: Widest value tile (``H / value_splits``) whose split-order prefill keeps the running total in
 #: registers (a loop carry beside the split's accumulator) instead of the float32 global scratch.
 #: A speed choice, not a bit choice: the same ``_merge_chunk`` / ``_merge_l`` on the same values
-#: (a float32 store and load are exact). At 64 the total is 32 registers a thread; at 128, 64.
-REGISTER_TOTAL_MAX_HV = 64
+#: (a float32 store and load are exact). At 64 the total is 32 registers a thread, at 128 64 (ptxas
+#: then spills 128 bytes, and it is still faster). H100 run s24-2 (B8 T8192 K4 N8, causal bf16, the
+#: same bits each way): head dim 128 2.02 ms in registers against 2.25 in the global scratch
+#: (cuDNN 1.71: 0.85x against 0.76x); head dim 64 1.40 against 1.49 ms (0.85x / 0.80x). At 256 the
+#: total cannot fit: the scratch path, already spilling ~190 bytes, runs at 0.53x cuDNN.
+REGISTER_TOTAL_MAX_HV = 128
 
 #: Whether ``forward`` (so ``detjax.experimental.mosaic_attention`` / ``mosaic_decode_attention``)
-#: uses the key splits by default. **Off**: the split order is implemented (session 23) and ran on
-#: an H200 (run s23-1: it compiles; accuracy and the two row layouts' bits at 1500 keys pass; the
-#: split-parallel decode gave the one-kernel decode's bits at three 8k-cache shapes), but decode =
-#: prefill (``benchmarks/mosaic_splits.py``) failed at some token positions at head dims 64 and 128
-#: (3 and 2 of 7 positions; head dim 256: 7 of 7 equal), cause not yet found
-#: (``results/2026-12-07-h200/s23_2_diag.py`` is the prepared next check), and prefill got slower
-#: (0.61-0.81x cuDNN against 0.87-0.95x without splits). Until both are fixed the kernel keeps the
-#: order without splits, which ``splits=True`` (``forward``) overrides.
+#: uses the key splits by default. **Off.** The split order is implemented and bitwise consistent
+#: on the GPU: H100 run s24-2 (``results/2026-12-07-h100-s24``), decode = prefill at 12 positions
+#: on and across block and split boundaries at head dims 64 / 128 / 256 once the merges were
+#: explicitly rounded (``_rn``; session 23's failures were FMA contraction). What keeps it off is
+#: prefill speed at head dim 256: 0.52x cuDNN against 0.83x without splits (the total in the global
+#: scratch, and ~190 bytes of spills); at head dims 64 / 128 the total in registers gives
+#: 0.85x (0.87 / 0.94x without). Until head dim 256 is fixed the kernel keeps the order without
+#: splits, which ``splits=True`` (``forward``) overrides.
 SPLITS = False
 
 
@@ -727,7 +733,7 @@ def forward(q, k, v, q_positions, kv_lengths, *, causal, sliding_window, soft_ca
     ``default_value_splits``); none of them changes the bits. ``splits`` (``None``: ``SPLITS``):
     the order with key splits (``True``) or without (``False``, sessions 10-22's order).
     ``split_parallel`` (``None``: ``default_split_parallel``): decode's split-parallel CTAs and
-    ``merge_call`` instead of the one-kernel merge; meant to give the same bits (see ``SPLITS``).
+    ``merge_call`` instead of the one-kernel merge; the same bits (``default_split_parallel``).
     Traceable on any platform."""
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]

@@ -109,7 +109,7 @@ LOWER_CASES = {
     "bf16 H40 non-causal": (jnp.bfloat16, 1, 70, 70, 2, 1, 40, dict(causal=False)),
     # opt-in key splits: prefill CTAs merging three splits (the running total in global memory)
     "bf16 H256 prefill 3 splits": (jnp.bfloat16, 1, 2100, 2100, 4, 2, 256, dict(splits=True)),
-    # ... and in registers (``REGISTER_TOTAL_MAX_HV``: value tiles up to 64 wide)
+    # ... and in registers (``REGISTER_TOTAL_MAX_HV``: value tiles up to 128 wide)
     "bf16 H64 prefill 3 splits": (jnp.bfloat16, 1, 2100, 2100, 4, 2, 64, dict(splits=True)),
 }
 
@@ -193,8 +193,9 @@ def test_lowers_for_cuda(name, layout, wgs, ve):
 
 
 def test_split_prefill_register_total_lowers_for_cuda(monkeypatch):
-    """Head dim 128 with the running total in registers (``REGISTER_TOTAL_MAX_HV`` raised to 128;
-    the default keeps it in the global scratch above 64): lowers, without the scratch output."""
+    """Head dim 128 with the split prefill's running total in registers (``REGISTER_TOTAL_MAX_HV``
+    = 128, the default) and in the global scratch (64): both lower, the first without the
+    scratch output."""
     q, k, v = qkv(3, 1, 2100, 2100, 4, 2, 128, jnp.bfloat16)
     args = (q, k, v, K.default_q_positions(1, 2100, 2100), jnp.full((1,), 2100, jnp.int32))
     texts = {}
