@@ -390,6 +390,13 @@ def _forward_bits(q, k, v, pos, lens, **kw):
                           **{"soft_cap": 50.0, **kw})[0])
 
 
+def _jitted_forward(h, **kw):
+    """``M.forward``'s output (soft cap 50), compiled once for a loop over positions: an eager
+    call compiles the kernels anew every time."""
+    return jax.jit(lambda q, k, v, p, l: M.forward(q, k, v, p, l, causal=True, sliding_window=None,
+                                                   scale=h ** -0.5, soft_cap=50.0, **kw)[0])
+
+
 @gpu_only
 @pytest.mark.parametrize("h", [64, 128, 256])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
@@ -406,17 +413,18 @@ def test_gpu_split_order_decode_equals_prefill(dtype, h):
     full = _forward_bits(q, k, v, K.default_q_positions(2, s, s), jnp.full((2,), s, jnp.int32), splits=True)
     pad = ((0, 0), (0, max_len - s), (0, 0), (0, 0))
     kc, vc = jnp.pad(k, pad), jnp.pad(v, pad)
+    split, one_kernel, unsplit = (_jitted_forward(h, layout="packed", **kw) for kw in (
+        dict(splits=True), dict(splits=True, split_parallel=False), dict(splits=False)))
     moved = 0
     for t in (5, 127, 128, 1022, 1023, 1024, 1025, 1535, 2047, 2048, 2049, 2199):
         lengths = jnp.array([t + 1, min(s, t + 300)], jnp.int32)
         qd = jnp.stack([q[0, t:t + 1], q[1, int(lengths[1]) - 1:int(lengths[1])]])
-        run = lambda **kw: _forward_bits(qd, kc, vc, lengths[:, None] - 1, lengths,  # noqa: E731
-                                         layout="packed", **kw)
-        d = run(splits=True)
+        args = (qd, kc, vc, lengths[:, None] - 1, lengths)
+        d = bits(split(*args))
         assert np.array_equal(d[0, 0], full[0, t]), t
         assert np.array_equal(d[1, 0], full[1, int(lengths[1]) - 1]), t
-        assert np.array_equal(run(splits=True, split_parallel=False), d), t
-        moved += int(np.sum(run(splits=False) != d))
+        assert np.array_equal(bits(one_kernel(*args)), d), t
+        moved += int(np.sum(bits(unsplit(*args)) != d))
     assert moved > 0
 
 
