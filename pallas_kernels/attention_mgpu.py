@@ -61,7 +61,11 @@ Reduction order (see also ``pallas_kernels/order.py``)
   reduction of the block's keys of the row: the same instruction sequence for every row);
   ``acc = acc + p.astype(dtype) @ v`` (wgmma accumulating into ``acc``). ``out = acc / l``,
   exactly 0 for a row with no valid key; ``lse = m ln 2 + ln l`` (natural log; ``-inf`` when
-  empty) for the backward pass.
+  empty) for the backward pass. The block step's multiplies and adds are Mosaic GPU's
+  (contractible: the compiler may form FMAs, e.g. in ``l * alpha + rowsum(p)``). They are the same
+  code in every kernel, and the GPU tests check decode = prefill and the layouts bitwise; making
+  them explicitly rounded like the merges would change the recorded bits of the order without
+  splits.
 * Merge of a split state ``(m_s, l_s, acc_s)`` into the total ``(m_t, l_t, acc_t)``:
   ``m' = max(m_t, m_s)``; ``a = 2^(m_t - m')``, ``b = 2^(m_s - m')`` (``ex2.approx``), except
   ``a, b = 1, 0`` for an empty split and ``0, 1`` for an empty total; ``l' = l_t a + l_s b``,
