@@ -7,6 +7,7 @@ on the current detjax backend. Two devices give the same bits iff every line mat
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import sys
@@ -105,7 +106,7 @@ def cases():
         jax.random.normal(ks3[2], (1, 2100, 8, 128), jnp.bfloat16),
         *[jax.random.normal(ks3[3], (1, 2100, 1, 128), jnp.bfloat16)] * 2)
     # added in session 23: the Mosaic attention over several 1024-key spans (its default order, no
-    # splits; the opt-in split order, attention_mgpu.SPLITS, has no row until it is the default)
+    # splits)
     if experimental.mosaic_available()[0]:
         ks4 = jax.random.split(jax.random.key(2323), 4)
         q5 = jax.random.normal(ks4[0], (1, 2600, 8, 256), jnp.bfloat16)
@@ -115,6 +116,24 @@ def cases():
         yield "mosaic decode bf16 H128 2100 keys", experimental.mosaic_decode_attention(
             jax.random.normal(ks4[3], (3, 1, 8, 128), jnp.bfloat16), kv6, kv6,
             jnp.array([2100, 1025, 7], jnp.int32), logits_soft_cap=50.0)
+    # added in session 24: the opt-in split order (attention_mgpu.forward(..., splits=True)), whose
+    # decode = prefill held on the H100 (s24-2): its bits tracked across devices before any default
+    if experimental.mosaic_available()[0]:
+        from pallas_kernels import attention as attn_k
+        from pallas_kernels import attention_mgpu as mgpu_k
+        ks5 = jax.random.split(jax.random.key(2424), 4)
+        split = functools.partial(mgpu_k.forward, causal=True, sliding_window=None, soft_cap=None,
+                                  splits=True)
+        q7 = jax.random.normal(ks5[0], (1, 2600, 8, 128), jnp.bfloat16)
+        kv7 = jax.random.normal(ks5[1], (1, 2600, 2, 128), jnp.bfloat16)
+        yield "mosaic split order bf16 H128 2600 keys", split(
+            q7, kv7, kv7, attn_k.default_q_positions(1, 2600, 2600), jnp.array([2600], jnp.int32),
+            scale=128 ** -0.5)[0]
+        kv8 = jax.random.normal(ks5[2], (3, 2100, 2, 256), jnp.bfloat16)
+        lens8 = jnp.array([2100, 1025, 7], jnp.int32)
+        yield "mosaic split order decode bf16 H256 2100 keys", split(
+            jax.random.normal(ks5[3], (3, 1, 8, 256), jnp.bfloat16), kv8, kv8, lens8[:, None] - 1,
+            lens8, scale=256 ** -0.5)[0]
 
 
 def main(argv=None):
