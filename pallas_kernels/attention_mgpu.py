@@ -252,18 +252,23 @@ def _add_rn(x, y):
 
 
 def _merge_chunk(a, b, total, part, mul=_mul_rn, add=_add_rn):
-    """``total * a + part * b`` per row (``a, b [64]``, ``total, part [64, w]``): elementwise, so a
-    column chunk merges to the bits of the whole tile; each product and the sum rounded to
-    float32 (``_rn``: never an FMA, in any kernel). ``mul`` / ``add``: ``jnp.multiply`` /
-    ``jnp.add`` outside a kernel (the same IEEE semantics, for the CPU tests)."""
-    shape = total.shape
-    return add(mul(total, lax.broadcast_in_dim(a, shape, [0])),
-               mul(part, lax.broadcast_in_dim(b, shape, [0])))
+    """``total * a + part * b`` per row (``a, b [64]``; ``total, part [64, w]`` accumulator columns,
+    or ``[64]``: the ``l``s): elementwise, so a column chunk merges to the bits of the whole tile;
+    each product and the sum rounded to float32 (``_rn``: never an FMA, in any kernel). ``mul`` /
+    ``add``: ``jnp.multiply`` / ``jnp.add`` outside a kernel (the same IEEE semantics, for the CPU
+    tests)."""
+    def rows(c):   # a row's coefficient over its columns
+        return lax.broadcast_in_dim(c, total.shape, [0]) if total.ndim == 2 else c
+
+    return add(mul(total, rows(a)), mul(part, rows(b)))
 
 
-def _merge_l(a, b, l_t, l_s, mul=_mul_rn, add=_add_rn):
-    """``l_t * a + l_s * b`` per row, rounded like ``_merge_chunk``."""
-    return add(mul(l_t, a), mul(l_s, b))
+def _merge_state(total, part):
+    """The split state ``part = (acc, m, l)`` merged into the running ``total`` (whole tiles): the
+    one merge of ``merge_call`` and of the prefill's register total."""
+    (acc_t, m_t, l_t), (acc_s, m_s, l_s) = total, part
+    a, b, m_new = _merge_coeffs(m_t, m_s)
+    return _merge_chunk(a, b, acc_t, acc_s), m_new, _merge_chunk(a, b, l_t, l_s)
 
 
 def _finalize(acc, m_i, l_i, rounded=False):
@@ -287,7 +292,7 @@ def _finalize(acc, m_i, l_i, rounded=False):
 MERGE_CHUNK = 64
 #: Widest value tile (``H / value_splits``) whose split-order prefill keeps the running total in
 #: registers (a loop carry beside the split's accumulator) instead of the float32 global scratch.
-#: A speed choice, not a bit choice: the same ``_merge_chunk`` / ``_merge_l`` on the same values
+#: A speed choice, not a bit choice: the same ``_merge_chunk`` on the same values
 #: (a float32 store and load are exact). At 64 the total is 32 registers a thread, at 128 64 (ptxas
 #: then spills 128 bytes, and it is still faster). H100 run s24-2 (B8 T8192 K4 N8, causal bf16, the
 #: same bits each way): head dim 128 2.02 ms in registers against 2.25 in the global scratch
@@ -371,9 +376,9 @@ def mosaic_attention_call(q, k, v, lo, hi, rng, *, layout, scale, soft_cap=None,
     log2e = math.log2(math.e)
     ns = num_splits(k.shape[1]) if splits else 1
     bps = split_blocks(block_kv) if splits else _BIG
-    reg_total = splits and ns > 1 and not split_parallel and hv <= REGISTER_TOTAL_MAX_HV
-    # a CTA may span two splits: the running total in registers or in a global float32 scratch
-    scratch = splits and ns > 1 and not split_parallel and not reg_total
+    merges = splits and ns > 1 and not split_parallel   # a CTA may span two splits: running total
+    reg_total = merges and hv <= REGISTER_TOTAL_MAX_HV    # ... in registers
+    scratch = merges and not reg_total                    # ... or in a global float32 scratch
     nsg = ns if split_parallel else 1                      # grid CTAs per row block along the splits
     chunk = min(MERGE_CHUNK, hv)
 
@@ -541,13 +546,9 @@ def mosaic_attention_call(q, k, v, lo, hi, rng, *, layout, scale, soft_cap=None,
                 nspl = jnp.where(nsteps > 0, c_last - c_first + 1, 0)
                 acc, m_i, l_i = run_split(c_first)
                 if reg_total:   # the first split is the total; merge the others into it in turn
-                    def merge_next(i, total):
-                        tot_acc, m_t, l_t = total
-                        acc_s, m_s, l_s = run_split(c_first + i)
-                        a, bb, m_new = _merge_coeffs(m_t, m_s)
-                        return _merge_chunk(a, bb, tot_acc, acc_s), m_new, _merge_l(a, bb, l_t, l_s)
-
-                    emit_output(*lax.fori_loop(1, nspl, merge_next, (acc, m_i, l_i)))
+                    emit_output(*lax.fori_loop(
+                        1, nspl, lambda i, total: _merge_state(total, run_split(c_first + i)),
+                        (acc, m_i, l_i)))
                 elif not scratch:
                     emit_output(acc, m_i, l_i)
                 else:
@@ -561,7 +562,7 @@ def mosaic_attention_call(q, k, v, lo, hi, rng, *, layout, scale, soft_cap=None,
                         store the merged total, or (``last``) return it."""
                         acc_s, m_s, l_s = part
                         a, bb, m_new = _merge_coeffs(m_t, m_s)
-                        l_new = _merge_l(a, bb, l_t, l_s)
+                        l_new = _merge_chunk(a, bb, l_t, l_s)
                         merged = []
                         for w in range(hv // chunk):
                             t_w = plgpu.load(tot_chunk(w), layout=plgpu.Layout.WGMMA, optimized=False)
@@ -689,13 +690,11 @@ def merge_call(acc, m, l, rng64, *, dtype, block_kv):
         c1 = jnp.where(end > start, lax.div(end - 1, jnp.array(bps, end.dtype)) + 1, c0)
 
         def body(c, carry):
-            tot, m_t, l_t = carry
             m_s = plgpu.load(m_ref.at[bi, hd, c, pl.ds(row0, BLOCK_Q)], layout=red, optimized=False)
             l_s = plgpu.load(l_ref.at[bi, hd, c, pl.ds(row0, BLOCK_Q)], layout=red, optimized=False)
             part = plgpu.load(acc_ref.at[bi, hd, c, pl.ds(row0, BLOCK_Q)], layout=plgpu.Layout.WGMMA,
                               optimized=False)
-            a, bb, m_new = _merge_coeffs(m_t, m_s)
-            return _merge_chunk(a, bb, tot, part), m_new, _merge_l(a, bb, l_t, l_s)
+            return _merge_state(carry, (part, m_s, l_s))
 
         carry = (plgpu.layout_cast(jnp.full((BLOCK_Q, h), 0, jnp.float32), plgpu.Layout.WGMMA),
                  plgpu.layout_cast(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32), red),

@@ -116,9 +116,8 @@ def cases():
         yield "mosaic decode bf16 H128 2100 keys", experimental.mosaic_decode_attention(
             jax.random.normal(ks4[3], (3, 1, 8, 128), jnp.bfloat16), kv6, kv6,
             jnp.array([2100, 1025, 7], jnp.int32), logits_soft_cap=50.0)
-    # added in session 24: the opt-in split order (attention_mgpu.forward(..., splits=True)), whose
-    # decode = prefill held on the H100 (s24-2): its bits tracked across devices before any default
-    if experimental.mosaic_available()[0]:
+        # added in session 24: the opt-in split order (attention_mgpu.forward(..., splits=True)),
+        # whose decode = prefill held on the H100 (s24-2): its bits tracked across devices
         from pallas_kernels import attention as attn_k
         from pallas_kernels import attention_mgpu as mgpu_k
         ks5 = jax.random.split(jax.random.key(2424), 4)

@@ -164,7 +164,7 @@ def test_merge_rule_is_exact_for_empty_states():
     a, b, m_new = M._merge_coeffs(m_t, m_s)
     got = np.asarray(M._merge_chunk(a, b, tot, part, mul=jnp.multiply, add=jnp.add))
     l_t, l_s = jnp.array([0.0, 2.0, 0.0, 2.0]), jnp.array([3.0, 0.0, 0.0, 3.0])
-    l_new = np.asarray(M._merge_l(a, b, l_t, l_s, mul=jnp.multiply, add=jnp.add))
+    l_new = np.asarray(M._merge_chunk(a, b, l_t, l_s, mul=jnp.multiply, add=jnp.add))
     assert np.array_equal(l_new, [3.0, 2.0, 0.0, 2.0 * 2.0 ** -3 + 3.0])
     assert np.array_equal(got[0], np.asarray(part[0])) and np.array_equal(got[1], np.asarray(tot[1]))
     assert np.array_equal(got[2], [0.0, 0.0]) and not np.signbit(got[2]).any()
@@ -384,12 +384,6 @@ def test_gpu_decode_equals_prefill(dtype, h):
         assert np.array_equal(d[1, 0], full[1, int(lengths[1]) - 1]), t
 
 
-def _forward_bits(q, k, v, pos, lens, **kw):
-    h = q.shape[-1]
-    return bits(M.forward(q, k, v, pos, lens, causal=True, sliding_window=None, scale=h ** -0.5,
-                          **{"soft_cap": 50.0, **kw})[0])
-
-
 def _jitted_forward(h, **kw):
     """``M.forward``'s output (soft cap 50), compiled once for a loop over positions: an eager
     call compiles the kernels anew every time."""
@@ -410,7 +404,8 @@ def test_gpu_split_order_decode_equals_prefill(dtype, h):
     merges' products and sums were left to the compiler; ``_rn`` since.)"""
     s, max_len = 2200, 2304
     q, k, v = qkv(31, 2, s, s, 8, 2, h, dtype)
-    full = _forward_bits(q, k, v, K.default_q_positions(2, s, s), jnp.full((2,), s, jnp.int32), splits=True)
+    full = bits(_jitted_forward(h, splits=True)(q, k, v, K.default_q_positions(2, s, s),
+                                                jnp.full((2,), s, jnp.int32)))
     pad = ((0, 0), (0, max_len - s), (0, 0), (0, 0))
     kc, vc = jnp.pad(k, pad), jnp.pad(v, pad)
     split, one_kernel, unsplit = (_jitted_forward(h, layout="packed", **kw) for kw in (
